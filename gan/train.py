@@ -1,0 +1,436 @@
+"""Data-parallel 3DGAN training with Horovod: the authors' recipe in a TF2 custom loop.
+
+    python -m gan.train --variant small --steps 20 --warmup 5
+    horovodrun -np 2 -H localhost:2 --gloo python -m gan.train --variant fixed --batch-size 8 \\
+        --steps 20 --warmup 5 --metrics-out m.jsonl
+
+Per batch (EcalEnergyTrain.py / AngleTrain3dGAN.py): one discriminator update on real showers, one on
+generated showers (generator in inference mode, as Keras' predict), then two generator updates through
+the discriminator (batch statistics, moving statistics frozen). Labels of D updates flip with
+probability 0.05. RMSprop(lr x ranks, rho 0.9) for D and G; losses BCE + MAPE (+ MAE on the angle) with
+the authors' weights. Horovod: DistributedGradientTape on every update, variables broadcast from rank 0
+after the first step, BN moving statistics averaged over ranks before a checkpoint and at the end.
+
+Output: JSON lines from rank 0 (stdout and --metrics-out): "start", one "step" per step, "summary" last.
+Warm-up steps are excluded from the timing figures.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+
+import tensorflow as tf
+
+from gan import dist as gdist
+from gan import model as gm
+
+PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m gan.train", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--variant", choices=gm.VARIANTS, default="fixed")
+    ap.add_argument("--batch-size", type=int, default=None, help="per rank (default: the variant's recipe)")
+    ap.add_argument("--steps", type=int, default=20, help="measured steps after warm-up")
+    ap.add_argument("--warmup", type=int, default=5, help="steps run first and excluded from timing")
+    ap.add_argument("--data", default="synthetic",
+                    help="'synthetic' (simulated showers held in memory) or an HDF5 file, directory or glob")
+    ap.add_argument("--lr", type=float, default=0.001, help="base learning rate, multiplied by the ranks")
+    ap.add_argument("--loss-weights", default=None, help="comma list, one per D head (default: the authors')")
+    ap.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    ap.add_argument("--xla", action="store_true", help="jit-compile the step (slow for Conv3D on CPUs)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads per rank (default cores/ranks)")
+    ap.add_argument("--no-pin", action="store_true", help="do not pin each local rank to its own cores")
+    ap.add_argument("--no-horovod", action="store_true", help="one process even if Horovod is installed")
+    ap.add_argument("--checkpoint-dir", default=None, help="rank 0 writes generator/discriminator weights here")
+    ap.add_argument("--checkpoint-every", type=int, default=0, help="also every N steps (0: only at the end)")
+    ap.add_argument("--metrics-out", default=None, help="JSON lines file (rank 0)")
+    ap.add_argument("--mllog", default=None, help="MLLOG file (needs the mlperf-logging package)")
+    ap.add_argument("--dump-weights", default=None, help="every rank writes weights-rank<R>.npz here (tests)")
+    args = ap.parse_args(argv)
+    if args.batch_size is None:
+        args.batch_size = gm.spec(args.variant).default_batch
+    for name in ("batch_size", "steps"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        ap.error(f"--warmup must be >= 0, got {args.warmup}")
+    n_heads = 4 if args.variant == "angle" else 3
+    if args.loss_weights is None:
+        args.loss_weights = gm.spec(args.variant).loss_weights
+    else:
+        try:
+            args.loss_weights = tuple(float(w) for w in args.loss_weights.split(","))
+        except ValueError:
+            ap.error(f"--loss-weights must be {n_heads} comma-separated numbers, got {args.loss_weights!r}")
+        if len(args.loss_weights) != n_heads:
+            ap.error(f"--loss-weights needs {n_heads} values for variant {args.variant}, got {len(args.loss_weights)}")
+    return args
+
+
+# ------------------------------------------------------------------------------------- placement
+def place(local_rank, local_size, threads=None, pin=True):
+    """Pin this rank to its share of the cores and size TF's thread pools; returns (cpus, intra_threads).
+
+    Must run before TensorFlow executes its first op. With 2 cores and 2 ranks each rank gets one core
+    and one intra-op thread, so ranks do not fight for cores and scaling figures mean something.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cpus) // max(1, local_size))
+    mine = cpus
+    if pin and local_size <= len(cpus):
+        mine = cpus[local_rank * share:(local_rank + 1) * share]
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), mine)
+            except OSError:
+                pass
+    intra = threads or max(1, len(mine) if pin else share)
+    os.environ.setdefault("OMP_NUM_THREADS", str(intra))
+    tf.config.threading.set_intra_op_parallelism_threads(intra)
+    tf.config.threading.set_inter_op_parallelism_threads(1 if intra <= 2 else 2)
+    return mine, intra
+
+
+def select_device(local_rank):
+    """One GPU per local rank (memory growth on), or the CPU. Returns a label for the results."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return "cpu"
+    gpu = gpus[local_rank % len(gpus)]
+    tf.config.set_visible_devices(gpu, "GPU")
+    tf.config.experimental.set_memory_growth(gpu, True)
+    details = tf.config.experimental.get_device_details(gpu)
+    return f"gpu:{details.get('device_name', gpu.name)}"
+
+
+# ------------------------------------------------------------------------------------------ losses
+# Keras' definitions, computed in float32 whatever the mixed-precision policy.
+def bce(y, p):
+    """Keras binary_crossentropy: probabilities clipped to [1e-7, 1 - 1e-7]."""
+    p = tf.clip_by_value(tf.cast(p, tf.float32), 1e-7, 1.0 - 1e-7)
+    return -tf.reduce_mean(y * tf.math.log(p) + (1.0 - y) * tf.math.log(1.0 - p))
+
+
+def mape(y, yhat):
+    """Keras mean_absolute_percentage_error, in percent (denominator clipped at 1e-7)."""
+    y = tf.cast(y, tf.float32)
+    return 100.0 * tf.reduce_mean(tf.abs(y - tf.cast(yhat, tf.float32)) / tf.maximum(tf.abs(y), 1e-7))
+
+
+def mae(y, yhat):
+    return tf.reduce_mean(tf.abs(tf.cast(y, tf.float32) - tf.cast(yhat, tf.float32)))
+
+
+def ecal_fit(ep_over_100, xscale=100.0):
+    """GetEcalFit mod 1: expected ECAL sum of scaled images for Ep/100 (Geant4 sampling-fraction fit)."""
+    e = ep_over_100
+    poly = (((0.0018 * e - 0.023) * e + 0.11) * e - 0.28) * e + 2.21
+    return tf.cast(poly * e * xscale, tf.float32)
+
+
+class GANTrainer:
+    """Holds G, D, optimisers and the compiled step; knows nothing of files or launchers."""
+
+    def __init__(self, variant, engine, lr=0.001, loss_weights=None, precision="fp32", xla=False, seed=1):
+        self.variant = variant
+        self.spec = gm.spec(variant)
+        self.engine = engine
+        self.weights = tuple(loss_weights or self.spec.loss_weights)
+        tf.keras.mixed_precision.set_global_policy(PRECISIONS[precision])
+        tf.keras.utils.set_random_seed(seed * 7919 + engine.rank)  # ranks start apart: broadcast matters
+        self.generator, self.discriminator = gm.build(variant)
+        lr = lr * engine.size
+        self.opt_d = tf.keras.optimizers.RMSprop(lr, rho=0.9, epsilon=1e-7, jit_compile=False)
+        self.opt_g = tf.keras.optimizers.RMSprop(lr, rho=0.9, epsilon=1e-7, jit_compile=False)
+        self.loss_scale = precision == "fp16"
+        if self.loss_scale:
+            self.opt_d = tf.keras.mixed_precision.LossScaleOptimizer(self.opt_d)
+            self.opt_g = tf.keras.mixed_precision.LossScaleOptimizer(self.opt_g)
+        self.rng = tf.random.Generator.from_seed(seed * 104729 + engine.rank)
+        self.step = tf.function(self._step, jit_compile=xla)
+        self.steps_done = 0
+
+    # -- one batch ------------------------------------------------------------------------------
+    def _flip(self, value, n):
+        flip = self.rng.uniform((n,)) < 0.05
+        labels = tf.fill((n,), float(value))
+        return tf.where(flip, 1.0 - labels, labels)
+
+    def _losses(self, outs, targets):
+        """Weighted total and per-head losses: BCE, MAPE(energy), [MAE(angle)], MAPE(ecal)."""
+        fns = [bce, mape] + ([mae] if self.variant == "angle" else []) + [mape]
+        parts = [fn(t, o[:, 0]) for fn, o, t in zip(fns, outs, targets)]
+        return sum(w * p for w, p in zip(self.weights, parts)), parts
+
+    def _update(self, model, opt, tape_fn):
+        with tf.GradientTape() as tape:
+            total, parts = tape_fn()
+            scaled = opt.get_scaled_loss(total) if self.loss_scale else total
+        tape = self.engine.tape(tape)
+        grads = tape.gradient(scaled, model.trainable_variables)
+        if self.loss_scale:
+            grads = opt.get_unscaled_gradients(grads)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        return total
+
+    def _latent(self, energy, angle, n):
+        if self.spec.conditioning == "multiply":
+            return energy[:, None] * self.rng.normal((n, self.spec.latent_size))
+        noise = self.rng.normal((n, self.spec.latent_size - 2))
+        return tf.concat([energy[:, None], angle[:, None], noise], axis=1)
+
+    def _step(self, batch):
+        G, D = self.generator, self.discriminator
+        images, energy, ecal = batch["image"], batch["energy"], batch["ecal"]
+        angle = batch.get("angle")
+        n = tf.shape(images)[0]
+        angle_t = [angle] if angle is not None else []
+
+        # D on real showers.
+        loss_real = self._update(D, self.opt_d, lambda: self._losses(
+            D(images, training=True), [self._flip(1, n), energy] + angle_t + [ecal]))
+
+        # D on generated showers; G runs in inference mode (Keras' generator.predict).
+        if self.spec.conditioning == "multiply":
+            e_fake = self.rng.uniform((n,), 0.1, 5.0)
+            fake_targets = [e_fake, ecal_fit(e_fake, self.spec.xscale)]
+        else:
+            e_fake = energy
+            fake_targets = [energy, angle, ecal]
+        fakes = G(self._latent(e_fake, angle, n), training=False)
+        loss_fake = self._update(D, self.opt_d, lambda: self._losses(
+            D(fakes, training=True), [self._flip(0, n)] + fake_targets))
+
+        # Two G updates through D: D in training mode (batch statistics) with frozen moving statistics.
+        loss_g = []
+        with gm.frozen_batchnorm(D):
+            for _ in range(2):
+                if self.spec.conditioning == "multiply":
+                    e_g = self.rng.uniform((n,), 0.1, 5.0)
+                    g_targets = [e_g, ecal_fit(e_g, self.spec.xscale)]
+                else:
+                    e_g = energy
+                    g_targets = [energy, angle, ecal]
+                z = self._latent(e_g, angle, n)
+                loss_g.append(self._update(G, self.opt_g, lambda: self._losses(
+                    D(G(z, training=True), training=True), [tf.ones((n,))] + g_targets)))
+        return {"loss_d_real": loss_real, "loss_d_fake": loss_fake, "loss_g": (loss_g[0] + loss_g[1]) / 2.0}
+
+    # -- around the step --------------------------------------------------------------------------
+    def train_step(self, batch):
+        losses = self.step(batch)
+        self.steps_done += 1
+        if self.steps_done == 1:
+            # Ranks started from different weights; rank 0's weights and optimiser state win.
+            self.engine.broadcast_variables(self.all_variables())
+        return {k: float(v) for k, v in losses.items()}
+
+    def all_variables(self):
+        return (self.generator.variables + self.discriminator.variables
+                + self.opt_d.variables + self.opt_g.variables)
+
+    def sync_statistics(self):
+        """Average the BN moving statistics (not covered by gradient averaging) over ranks."""
+        self.engine.average_variables([v for m in (self.generator, self.discriminator)
+                                       for v in m.non_trainable_variables])
+
+    def digest(self):
+        h = hashlib.sha256()
+        for v in self.generator.variables + self.discriminator.variables:
+            h.update(v.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def save(self, directory, extra=None):
+        os.makedirs(directory, exist_ok=True)
+        for name, m in (("generator", self.generator), ("discriminator", self.discriminator)):
+            tmp = os.path.join(directory, f".{name}.weights.h5")
+            m.save_weights(tmp)
+            os.replace(tmp, os.path.join(directory, f"{name}.weights.h5"))
+        meta = {"variant": self.variant, "steps": self.steps_done, **(extra or {})}
+        _write_atomic(os.path.join(directory, "checkpoint.json"), json.dumps(meta, indent=1))
+
+
+def _write_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class Emitter:
+    """Rank 0's JSON-lines output to stdout and the metrics file (line-buffered, flushed per record)."""
+
+    def __init__(self, rank, path=None):
+        self.on = rank == 0
+        self.file = open(path, "w", buffering=1) if (self.on and path) else None
+
+    def __call__(self, record):
+        if not self.on:
+            return
+        line = json.dumps(record, default=_jsonable)
+        print(line, flush=True)
+        if self.file:
+            self.file.write(line + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return str(x)
+
+
+def make_dataset(args, engine):
+    from gan import data
+
+    if args.data == "synthetic":
+        return data.synthetic_dataset(args.variant, args.batch_size, rank=engine.rank, seed=args.seed)
+    return data.file_dataset(args.data, args.variant, args.batch_size, rank=engine.rank, size=engine.size,
+                             seed=args.seed)
+
+
+def _mllogger(path, rank):
+    if not path or rank != 0:
+        return None
+    try:
+        from mlperf_logging import mllog
+    except ImportError:
+        print("gan.train: --mllog needs the mlperf-logging package (pip install mlperf-logging); skipped",
+              file=sys.stderr)
+        return None
+    mllog.config(filename=path)
+    return mllog.get_mllogger()
+
+
+def run(args) -> dict:
+    local_rank, local_size = gdist.local_position()
+    cpus, intra = place(local_rank, local_size, args.threads, pin=not args.no_pin)
+    engine = gdist.init(use_horovod=not args.no_horovod)
+    device = select_device(engine.local_rank)
+
+    emit = Emitter(engine.rank, args.metrics_out)
+    ml = _mllogger(args.mllog, engine.rank)
+    if ml:
+        ml.event(key=ml_const("SUBMISSION_BENCHMARK"), value="3dgan")
+        ml.event(key=ml_const("GLOBAL_BATCH_SIZE"), value=args.batch_size * engine.size)
+        ml.event(key=ml_const("OPT_NAME"), value="rmsprop")
+        ml.event(key=ml_const("OPT_BASE_LR"), value=args.lr * engine.size)
+        ml.start(key=ml_const("INIT_START"))
+    trainer = GANTrainer(args.variant, engine, lr=args.lr, loss_weights=args.loss_weights,
+                         precision=args.precision, xla=args.xla, seed=args.seed)
+    flops = gm.training_flops_per_sample(trainer.generator, trainer.discriminator)
+    hosts = engine.allgather_object({"rank": engine.rank, "host": socket.gethostname(), "cpus": cpus,
+                                     "device": device})
+    emit({"event": "start", "variant": args.variant, "ranks": engine.size, "batch_size_per_rank": args.batch_size,
+          "steps": args.steps, "warmup": args.warmup, "data": args.data, "precision": args.precision,
+          "xla": args.xla, "engine": engine.name, "ranks_placement": hosts})
+    ds = iter(make_dataset(args, engine))
+    if ml:
+        ml.end(key=ml_const("INIT_STOP"))
+        ml.start(key=ml_const("RUN_START"))
+    times, last = [], {}
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        batch = next(ds)
+        last = trainer.train_step(batch)
+        dt = time.perf_counter() - t0
+        measured = i >= args.warmup
+        if measured:
+            times.append(dt)
+        emit({"event": "step", "step": i + 1, "warmup": not measured, "time_s": round(dt, 6), **last})
+        if not all(math.isfinite(v) for v in last.values()):
+            raise FloatingPointError(f"non-finite loss at step {i + 1}: {last}")
+        if args.checkpoint_dir and args.checkpoint_every and (i + 1) % args.checkpoint_every == 0:
+            trainer.sync_statistics()
+            if engine.rank == 0:
+                trainer.save(args.checkpoint_dir)
+    trainer.sync_statistics()
+    digests = engine.allgather_object(trainer.digest())
+    if args.dump_weights:
+        _dump_weights(trainer, args.dump_weights, engine.rank)
+    if args.checkpoint_dir and engine.rank == 0:
+        trainer.save(args.checkpoint_dir, {"lr": args.lr, "ranks": engine.size, "seed": args.seed})
+
+    total = sum(times)
+    thr = engine.size * args.batch_size * len(times) / total
+    summary = {
+        "event": "summary",
+        "samples_per_s": thr,
+        "samples_per_s_per_rank": thr / engine.size,
+        "step_time_mean_s": statistics.fmean(times),
+        "step_time_std_s": statistics.stdev(times) if len(times) > 1 else 0.0,
+        "step_time_median_s": statistics.median(times),
+        "steps": len(times),
+        "warmup": args.warmup,
+        "ranks": engine.size,
+        "batch_size_per_rank": args.batch_size,
+        "global_batch_size": args.batch_size * engine.size,
+        "learning_rate": args.lr * engine.size,
+        "variant": args.variant,
+        "flops_per_sample": flops,
+        "achieved_flops_per_s": thr * flops,
+        "precision": args.precision,
+        "xla": args.xla,
+        "intra_op_threads": intra,
+        "data": args.data,
+        "engine": engine.name,
+        "tf_version": tf.__version__,
+        "horovod_version": engine.version,
+        "python_version": platform.python_version(),
+        "device": device,
+        "hosts": sorted({h["host"] for h in hosts}),
+        "ranks_placement": hosts,
+        "weights_digest": digests,
+        "weights_identical": len(set(digests)) == 1,
+        "final_losses": last,
+    }
+    if ml:
+        ml.event(key="tracked_stats", value={"throughput": thr}, metadata={"step": args.warmup + args.steps})
+        ml.end(key=ml_const("RUN_STOP"), metadata={"status": "success"})
+    emit(summary)
+    emit.close()
+    return summary
+
+
+def ml_const(name):
+    from mlperf_logging.mllog import constants
+
+    return getattr(constants, name)
+
+
+def _dump_weights(trainer, directory, rank):
+    import numpy as np
+
+    os.makedirs(directory, exist_ok=True)
+    arrays = {f"{m.name}/{i}:{v.name}": v.numpy() for m in (trainer.generator, trainer.discriminator)
+              for i, v in enumerate(m.variables)}
+    np.savez(os.path.join(directory, f"weights-rank{rank}.npz"), **arrays)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (FileNotFoundError, KeyError, ValueError, FloatingPointError, RuntimeError) as e:
+        print(f"gan.train: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
