@@ -1,0 +1,131 @@
+"""Trainer benchmark: samples/s and model FLOP utilisation over ranks x per-rank batch sizes.
+
+    python -m gan.bench                       # full fixed-angle model, batch 8,16,32 x 1,2 ranks
+    python -m gan.bench --variant small --batches 8 --ranks 1,2 --steps 10 --json-out results.json
+
+Each point is one ``horovodrun -np R -H localhost:R --gloo python -m gan.train`` (ranks pinned to their
+own cores, intra-op threads = cores / ranks); figures come from the trainer's JSON summary, warm-up
+excluded. MFU = achieved training FLOP/s (gan.model FLOPs per sample x samples/s) / this CPU's nominal
+fp32 peak (cores x clock x FLOP/cycle of its widest FMA unit). The best measured SGEMM rate is printed
+beside it as a practical ceiling.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def nominal_peak_flops():
+    """(peak fp32 FLOP/s, description) from /proc/cpuinfo: cores x MHz x FLOP/cycle (2 FMA pipes assumed)."""
+    cores = len(os.sched_getaffinity(0))
+    mhz, flags = None, set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("cpu MHz") and mhz is None:
+                mhz = float(line.split(":")[1])
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":")[1].split())
+    if "avx512f" in flags:
+        per_cycle, isa = 64, "AVX-512"
+    elif "avx2" in flags and "fma" in flags:
+        per_cycle, isa = 32, "AVX2+FMA"
+    else:
+        per_cycle, isa = 8, "SSE"
+    if not mhz:
+        return None, "unknown clock"
+    return cores * mhz * 1e6 * per_cycle, f"{cores} cores x {mhz:.0f} MHz x {per_cycle} FLOP/cycle ({isa}, 2 FMA pipes)"
+
+
+def measured_gemm_flops(n=2048, repeats=10):
+    """Best fp32 matmul rate TensorFlow reaches on all cores (a practical ceiling)."""
+    import tensorflow as tf
+
+    a = tf.random.normal((n, n))
+    b = tf.random.normal((n, n))
+    mm = tf.function(lambda x, y: tf.matmul(x, y))
+    mm(a, b).numpy()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mm(a, b).numpy()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def run_point(horovodrun, variant, ranks, batch, steps, warmup, precision, timeout):
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "m.jsonl")
+        cmd = [horovodrun, "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo", sys.executable, "-m",
+               "gan.train", "--variant", variant, "--batch-size", str(batch), "--steps", str(steps),
+               "--warmup", str(warmup), "--precision", precision, "--metrics-out", out]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stderr[-2000:]}")
+        with open(out) as f:
+            return json.loads(f.read().strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m gan.bench", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--variant", default="fixed", choices=("fixed", "angle", "small"))
+    ap.add_argument("--batches", default="8,16,32", help="per-rank batch sizes")
+    ap.add_argument("--ranks", default="1,2")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per point")
+    ap.add_argument("--json-out", default=None, help="also write all figures as JSON here")
+    args = ap.parse_args(argv)
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+        ranks = [int(r) for r in args.ranks.split(",")]
+    except ValueError:
+        ap.error("--batches and --ranks take comma-separated integers, e.g. 8,16,32")
+    horovodrun = shutil.which("horovodrun", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    if not horovodrun:
+        print("gan.bench: horovodrun not found; run `bash harness/setup.sh` first", file=sys.stderr)
+        return 1
+
+    peak, peak_desc = nominal_peak_flops()
+    gemm = measured_gemm_flops()
+    print(f"# {args.variant} model, {args.precision}, steps {args.steps} (+{args.warmup} warm-up) per point")
+    print(f"# nominal peak {peak / 1e9:.0f} GFLOP/s = {peak_desc}; best SGEMM {gemm / 1e9:.0f} GFLOP/s")
+    print(f"{'ranks':>5} {'batch/rank':>10} {'samples/s':>10} {'per rank':>9} {'step s':>14} "
+          f"{'GFLOP/s':>8} {'MFU %':>6} {'of SGEMM %':>10} {'scaling eff':>11}")
+    rows, single = [], {}
+    for b in batches:
+        for r in ranks:
+            s = run_point(horovodrun, args.variant, r, b, args.steps, args.warmup, args.precision, args.timeout)
+            flops = s["achieved_flops_per_s"]
+            if r == 1:
+                single[b] = s["samples_per_s"]
+            eff = s["samples_per_s"] / (r * single[b]) if b in single else float("nan")
+            row = {"ranks": r, "batch_size_per_rank": b, "samples_per_s": s["samples_per_s"],
+                   "samples_per_s_per_rank": s["samples_per_s_per_rank"], "step_time_mean_s": s["step_time_mean_s"],
+                   "step_time_std_s": s["step_time_std_s"], "achieved_gflops": flops / 1e9,
+                   "mfu": flops / peak if peak else None, "of_sgemm": flops / gemm, "scaling_efficiency": eff,
+                   "intra_op_threads": s["intra_op_threads"], "flops_per_sample": s["flops_per_sample"]}
+            rows.append(row)
+            mfu = f"{100 * row['mfu']:6.1f}" if peak else "   n/a"
+            print(f"{r:>5} {b:>10} {row['samples_per_s']:>10.2f} {row['samples_per_s_per_rank']:>9.2f} "
+                  f"{row['step_time_mean_s']:>7.2f} ± {row['step_time_std_s']:<5.2f} {row['achieved_gflops']:>8.1f} "
+                  f"{mfu} {100 * row['of_sgemm']:>10.1f} {eff:>11.2f}", flush=True)
+    if args.json_out:
+        meta = {"variant": args.variant, "precision": args.precision, "steps": args.steps, "warmup": args.warmup,
+                "nominal_peak_gflops": peak / 1e9 if peak else None, "peak_basis": peak_desc,
+                "sgemm_gflops": gemm / 1e9, "cpu_count": len(os.sched_getaffinity(0)), "points": rows}
+        with open(args.json_out, "w") as f:
+            json.dump(meta, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

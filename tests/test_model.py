@@ -1,0 +1,90 @@
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import run_module
+from gan import model as gm
+from gan import showers
+
+# Counted from the authors' layer lists (svalleco/3Dgan Energy-gan / Anglegan), Keras counting BN's
+# moving statistics as parameters.
+REFERENCE = {"fixed": (872_948, 73_450), "angle": (1_365_047, 87_402)}
+
+
+@pytest.mark.parametrize("variant", ["fixed", "angle"])
+def test_parameter_counts_equal_reference(variant):
+    info = gm.summary(variant)
+    assert (info["generator_params"], info["discriminator_params"]) == REFERENCE[variant]
+
+
+def test_cli_prints_reference_counts_as_json():
+    p = run_module("gan.model", "--variant", "fixed", "--json")
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout.strip().splitlines()[-1])
+    assert info["generator_params"] == 872_948 and info["discriminator_params"] == 73_450
+    assert info["flops_per_sample"] == 7 * info["generator_forward_flops"] + 10 * info["discriminator_forward_flops"]
+
+
+@pytest.mark.parametrize("variant,image,latent,heads", [("fixed", (25, 25, 25, 1), 200, 3),
+                                                        ("angle", (51, 51, 25, 1), 256, 4),
+                                                        ("small", (25, 25, 25, 1), 200, 3)])
+def test_shapes_and_heads(variant, image, latent, heads):
+    g, d = gm.build(variant)
+    assert tuple(g.input_shape[1:]) == (latent,)
+    assert tuple(g.output_shape[1:]) == image
+    out = d(tf.zeros((2,) + image), training=False)
+    assert len(out) == heads and all(o.shape == (2, 1) for o in out)
+
+
+def test_forward_flops_by_hand():
+    inp = tf.keras.Input((4, 4, 4, 2))
+    x = tf.keras.layers.Conv3D(3, (3, 3, 3), padding="valid")(inp)  # 2x2x2 output
+    out = tf.keras.layers.Dense(5)(tf.keras.layers.Flatten()(x))
+    m = tf.keras.Model(inp, out)
+    assert gm.forward_flops(m) == 2 * 8 * 27 * 2 * 3 + 2 * 24 * 5
+
+
+def test_leaky_relu_slope_is_keras2_default():
+    g, d = gm.build("fixed")
+    slopes = {round(float(l.alpha), 6) for l in d.layers if isinstance(l, tf.keras.layers.LeakyReLU)}
+    assert slopes == {0.3}
+
+
+def test_frozen_batchnorm_uses_batch_stats_but_keeps_moving_stats():
+    bn = gm.Keras2BatchNorm()
+    x = tf.random.normal((8, 3, 3, 3, 4), mean=5.0, stddev=2.0)
+    bn(x, training=True)  # build + one update
+    before = [bn.moving_mean.numpy().copy(), bn.moving_variance.numpy().copy()]
+    inference = bn(x, training=False).numpy()
+    with gm.frozen_batchnorm(tf.keras.Sequential([bn])):
+        frozen_train = tf.function(lambda t: bn(t, training=True))(x).numpy()
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), before[0])
+    np.testing.assert_array_equal(bn.moving_variance.numpy(), before[1])
+    # Batch statistics, not the (barely moved) moving ones: output is normalised to ~zero mean.
+    assert abs(frozen_train.mean()) < 1e-3 and abs(inference.mean()) > 1.0
+    bn(x, training=True)  # unfrozen again: statistics move
+    assert not np.allclose(bn.moving_mean.numpy(), before[0])
+
+
+def test_discriminator_ecal_head_is_the_sum():
+    _, d = gm.build("fixed")
+    img = tf.random.uniform((3, 25, 25, 25, 1))
+    ecal = d(img, training=False)[2].numpy()[:, 0]
+    np.testing.assert_allclose(ecal, img.numpy().sum(axis=(1, 2, 3, 4)), rtol=1e-5)
+
+
+def test_angle_head_matches_numpy_measurement():
+    rng = np.random.default_rng(0)
+    theta = np.radians([70.0, 90.0, 110.0])
+    img = showers.simulate(np.array([100.0, 150.0, 200.0]), thetas=theta, shape=(51, 51, 25), rng=rng) * 50
+    power = 0.85
+    ang_tf = gm.ecal_angle(tf.constant(np.power(img, power)[..., None]), power).numpy()[:, 0]
+    np.testing.assert_allclose(ang_tf, showers.measure_angle(img), rtol=2e-3)
+    assert gm.ecal_angle(tf.zeros((1, 51, 51, 25, 1)), power).numpy()[0, 0] == 100.0
+
+
+def test_unknown_variant_names_the_choices():
+    with pytest.raises(ValueError, match="fixed, angle, small"):
+        gm.spec("huge")

@@ -1,0 +1,88 @@
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_module
+
+SUMMARY_KEYS = {"samples_per_s", "samples_per_s_per_rank", "step_time_mean_s", "step_time_std_s", "ranks",
+                "batch_size_per_rank", "variant", "tf_version", "horovod_version", "device"}
+
+
+def records(text):
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_single_process_small(tmp_path):
+    out = tmp_path / "m.jsonl"
+    p = run_module("gan.train", "--variant", "small", "--batch-size", 4, "--steps", 4, "--warmup", 2,
+                   "--metrics-out", out, "--checkpoint-dir", tmp_path / "ckpt")
+    assert p.returncode == 0, p.stderr[-3000:]
+    recs = records(out.read_text())
+    assert recs == records(p.stdout)
+    assert recs[0]["event"] == "start"
+    steps = [r for r in recs if r["event"] == "step"]
+    assert [s["warmup"] for s in steps] == [True, True, False, False, False, False]
+    s = recs[-1]
+    assert s["event"] == "summary" and SUMMARY_KEYS <= set(s)
+    assert s["ranks"] == 1 and s["steps"] == 4 and s["device"] == "cpu" and s["tf_version"] == "2.15.1"
+    measured = [r["time_s"] for r in steps if not r["warmup"]]
+    assert s["step_time_mean_s"] == pytest.approx(np.mean(measured), rel=1e-3)
+    assert s["samples_per_s"] == pytest.approx(4 / np.mean(measured), rel=1e-3)
+    assert (tmp_path / "ckpt" / "generator.weights.h5").exists()
+
+
+@pytest.mark.parametrize("variant", ["fixed", "angle"])
+def test_full_models_train_one_step(variant, tmp_path):
+    p = run_module("gan.train", "--variant", variant, "--batch-size", 2, "--steps", 1, "--warmup", 0,
+                   "--no-horovod")
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = records(p.stdout)[-1]
+    assert s["variant"] == variant and s["engine"] == "none" and s["horovod_version"] is None
+    assert all(np.isfinite(v) for v in s["final_losses"].values())
+
+
+def test_trains_from_hdf5_file(fixed_file):
+    p = run_module("gan.train", "--variant", "small", "--batch-size", 4, "--steps", 2, "--warmup", 1,
+                   "--data", fixed_file)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert records(p.stdout)[-1]["data"] == str(fixed_file)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--variant", "huge"], "invalid choice"),
+    (["--loss-weights", "1,2"], "needs 3 values"),
+])
+def test_bad_arguments_exit_2(args, message):
+    p = run_module("gan.train", *args)
+    assert p.returncode == 2 and message in p.stderr
+
+
+def test_missing_data_file_is_a_clear_error(tmp_path):
+    p = run_module("gan.train", "--variant", "small", "--data", tmp_path / "none.h5", "--steps", 1)
+    assert p.returncode == 1 and "no HDF5 data" in p.stderr
+
+
+def test_horovodrun_two_ranks_identical_weights(horovodrun, tmp_path):
+    out, dump = tmp_path / "m.jsonl", tmp_path / "weights"
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    cmd = [horovodrun, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m", "gan.train",
+           "--variant", "small", "--steps", "20", "--warmup", "5", "--metrics-out", str(out),
+           "--dump-weights", str(dump)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    s = records(out.read_text())[-1]
+    assert s["event"] == "summary" and s["ranks"] == 2 and s["samples_per_s"] > 0
+    assert s["samples_per_s"] == pytest.approx(2 * s["samples_per_s_per_rank"])
+    assert sorted(p["cpus"][0] for p in s["ranks_placement"]) == [0, 1]  # one core each
+    assert s["intra_op_threads"] == 1
+    w0, w1 = np.load(dump / "weights-rank0.npz"), np.load(dump / "weights-rank1.npz")
+    assert set(w0.files) == set(w1.files) and len(w0.files) > 20
+    for k in w0.files:
+        np.testing.assert_array_equal(w0[k], w1[k], err_msg=k)
+    assert s["weights_identical"] and len(set(s["weights_digest"])) == 1
