@@ -91,11 +91,13 @@ class Keras2BatchNorm(L.Layer):
             mean, var = tf.nn.moments(x32, axes=axes)
             if not self.frozen:
                 m = self.momentum
-                self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))
-                self.moving_variance.assign(self.moving_variance * m + var * (1.0 - m))
+                self.moving_mean.assign(tf.cast(self.moving_mean, tf.float32) * m + mean * (1.0 - m))
+                self.moving_variance.assign(tf.cast(self.moving_variance, tf.float32) * m + var * (1.0 - m))
         else:
-            mean, var = self.moving_mean, self.moving_variance
-        y = tf.nn.batch_normalization(x32, mean, var, self.beta, self.gamma, self.epsilon)
+            mean, var = tf.cast(self.moving_mean, tf.float32), tf.cast(self.moving_variance, tf.float32)
+        # Under a mixed policy Keras hands variables out in the compute dtype: cast back to float32.
+        y = tf.nn.batch_normalization(x32, mean, var, tf.cast(self.beta, tf.float32),
+                                      tf.cast(self.gamma, tf.float32), self.epsilon)
         return tf.cast(y, in_dtype)
 
     def get_config(self):

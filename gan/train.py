@@ -51,6 +51,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads per rank (default cores/ranks)")
     ap.add_argument("--no-pin", action="store_true", help="do not pin each local rank to its own cores")
+    ap.add_argument("--cpus-per-rank", type=int, default=None, help="cores per local rank (default cores/ranks)")
     ap.add_argument("--no-horovod", action="store_true", help="one process even if Horovod is installed")
     ap.add_argument("--checkpoint-dir", default=None, help="rank 0 writes generator/discriminator weights here")
     ap.add_argument("--checkpoint-every", type=int, default=0, help="also every N steps (0: only at the end)")
@@ -79,23 +80,27 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------------------------- placement
-def place(local_rank, local_size, threads=None, pin=True):
+def place(local_rank, local_size, threads=None, pin=True, cpus_per_rank=None):
     """Pin this rank to its share of the cores and size TF's thread pools; returns (cpus, intra_threads).
 
     Must run before TensorFlow executes its first op. With 2 cores and 2 ranks each rank gets one core
     and one intra-op thread, so ranks do not fight for cores and scaling figures mean something.
+    ``cpus_per_rank`` overrides the share (e.g. 1 to measure a one-core baseline).
     """
     cpus = sorted(os.sched_getaffinity(0))
-    share = max(1, len(cpus) // max(1, local_size))
+    share = cpus_per_rank or max(1, len(cpus) // max(1, local_size))
+    if cpus_per_rank and cpus_per_rank * local_size > len(cpus):
+        raise ValueError(f"--cpus-per-rank {cpus_per_rank} x {local_size} local ranks needs "
+                         f"{cpus_per_rank * local_size} cores; this host offers {len(cpus)}")
     mine = cpus
-    if pin and local_size <= len(cpus):
+    if pin and share * local_size <= len(cpus):
         mine = cpus[local_rank * share:(local_rank + 1) * share]
         for tid in os.listdir("/proc/self/task"):
             try:
                 os.sched_setaffinity(int(tid), mine)
             except OSError:
                 pass
-    intra = threads or max(1, len(mine) if pin else share)
+    intra = threads or share
     os.environ.setdefault("OMP_NUM_THREADS", str(intra))
     tf.config.threading.set_intra_op_parallelism_threads(intra)
     tf.config.threading.set_inter_op_parallelism_threads(1 if intra <= 2 else 2)
@@ -273,7 +278,10 @@ class Emitter:
 
     def __init__(self, rank, path=None):
         self.on = rank == 0
-        self.file = open(path, "w", buffering=1) if (self.on and path) else None
+        self.file = None
+        if self.on and path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.file = open(path, "w", buffering=1)
 
     def __call__(self, record):
         if not self.on:
@@ -307,21 +315,21 @@ def make_dataset(args, engine):
 def _mllogger(path, rank):
     if not path or rank != 0:
         return None
-    try:
-        from mlperf_logging import mllog
-    except ImportError:
-        print("gan.train: --mllog needs the mlperf-logging package (pip install mlperf-logging); skipped",
-              file=sys.stderr)
-        return None
+    from mlperf_logging import mllog
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     mllog.config(filename=path)
     return mllog.get_mllogger()
 
 
 def run(args) -> dict:
     local_rank, local_size = gdist.local_position()
-    cpus, intra = place(local_rank, local_size, args.threads, pin=not args.no_pin)
+    cpus, intra = place(local_rank, local_size, args.threads, pin=not args.no_pin, cpus_per_rank=args.cpus_per_rank)
     engine = gdist.init(use_horovod=not args.no_horovod)
     device = select_device(engine.local_rank)
+    if args.precision == "fp16" and device == "cpu":
+        raise ValueError("--precision fp16 needs a GPU (TensorFlow has no float16 Conv3D/AvgPool3D kernels "
+                         "for CPUs); use --precision bf16 on CPUs")
 
     emit = Emitter(engine.rank, args.metrics_out)
     ml = _mllogger(args.mllog, engine.rank)
@@ -387,6 +395,7 @@ def run(args) -> dict:
         "precision": args.precision,
         "xla": args.xla,
         "intra_op_threads": intra,
+        "cpus_per_rank": len(cpus),
         "data": args.data,
         "engine": engine.name,
         "tf_version": tf.__version__,
@@ -429,6 +438,10 @@ def main(argv=None) -> int:
     except (FileNotFoundError, KeyError, ValueError, FloatingPointError, RuntimeError) as e:
         print(f"gan.train: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Records already written are whole lines; checkpoints are replaced atomically.
+        print("gan.train: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -86,3 +86,45 @@ def test_horovodrun_two_ranks_identical_weights(horovodrun, tmp_path):
     for k in w0.files:
         np.testing.assert_array_equal(w0[k], w1[k], err_msg=k)
     assert s["weights_identical"] and len(set(s["weights_digest"])) == 1
+
+
+def test_bfloat16_mixed_precision_step():
+    p = run_module("gan.train", "--variant", "small", "--batch-size", 4, "--steps", 2, "--warmup", 1,
+                   "--precision", "bf16", "--no-horovod")
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = records(p.stdout)[-1]
+    assert s["precision"] == "bf16" and all(np.isfinite(v) for v in s["final_losses"].values())
+
+
+def test_float16_on_cpu_is_refused_with_the_alternative():
+    p = run_module("gan.train", "--variant", "small", "--steps", 1, "--precision", "fp16", "--no-horovod")
+    assert p.returncode == 1 and "needs a GPU" in p.stderr and "bf16" in p.stderr
+
+
+def test_cpus_per_rank_beyond_the_host_is_refused():
+    p = run_module("gan.train", "--variant", "small", "--steps", 1, "--cpus-per-rank", 64, "--no-horovod")
+    assert p.returncode == 1 and "this host offers" in p.stderr
+
+
+def test_runs_as_one_process_when_horovod_is_not_installed(tmp_path):
+    """A `horovod` package that fails to import stands in for a machine without Horovod."""
+    (tmp_path / "horovod").mkdir()
+    (tmp_path / "horovod" / "__init__.py").write_text("raise ImportError('no horovod on this machine')\n")
+    p = run_module("gan.train", "--variant", "small", "--batch-size", 2, "--steps", 1, "--warmup", 0,
+                   env={"PYTHONPATH": str(tmp_path)})
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = records(p.stdout)[-1]
+    assert s["engine"] == "none" and s["horovod_version"] is None and s["ranks"] == 1
+
+
+def test_mllog_file(tmp_path):
+    log = tmp_path / "run" / "mllog.txt"
+    p = run_module("gan.train", "--variant", "small", "--batch-size", 2, "--steps", 2, "--warmup", 1,
+                   "--mllog", log, "--no-horovod")
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [line for line in log.read_text().splitlines() if line.startswith(":::MLLOG ")]
+    keys = [json.loads(line[len(":::MLLOG "):])["key"] for line in lines]
+    for key in ("submission_benchmark", "global_batch_size", "init_start", "init_stop", "run_start", "run_stop"):
+        assert key in keys
+    stop = json.loads(lines[keys.index("run_stop")][len(":::MLLOG "):])
+    assert stop["metadata"]["status"] == "success"
