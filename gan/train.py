@@ -195,6 +195,17 @@ class GANTrainer:
         noise = self.rng.normal((n, self.spec.latent_size - 2))
         return tf.concat([energy[:, None], angle[:, None], noise], axis=1)
 
+    def _conditions(self, energy, angle, ecal, n):
+        """Conditioning energies for G and D's targets after the real/fake label.
+
+        Fixed angle: fresh Ep'/100 ~ U(0.1, 5) (10-500 GeV) and the Geant4 ECAL-sum fit for it.
+        Variable angle: the real batch's Ep, angle and ECAL sum (the authors' AngleTrain3dGAN).
+        """
+        if self.spec.conditioning == "multiply":
+            e = self.rng.uniform((n,), 0.1, 5.0)
+            return e, [e, ecal_fit(e, self.spec.xscale)]
+        return energy, [energy, angle, ecal]
+
     def _step(self, batch):
         G, D = self.generator, self.discriminator
         images, energy, ecal = batch["image"], batch["energy"], batch["ecal"]
@@ -207,12 +218,7 @@ class GANTrainer:
             D(images, training=True), [self._flip(1, n), energy] + angle_t + [ecal]))
 
         # D on generated showers; G runs in inference mode (Keras' generator.predict).
-        if self.spec.conditioning == "multiply":
-            e_fake = self.rng.uniform((n,), 0.1, 5.0)
-            fake_targets = [e_fake, ecal_fit(e_fake, self.spec.xscale)]
-        else:
-            e_fake = energy
-            fake_targets = [energy, angle, ecal]
+        e_fake, fake_targets = self._conditions(energy, angle, ecal, n)
         fakes = G(self._latent(e_fake, angle, n), training=False)
         loss_fake = self._update(D, self.opt_d, lambda: self._losses(
             D(fakes, training=True), [self._flip(0, n)] + fake_targets))
@@ -221,12 +227,7 @@ class GANTrainer:
         loss_g = []
         with gm.frozen_batchnorm(D):
             for _ in range(2):
-                if self.spec.conditioning == "multiply":
-                    e_g = self.rng.uniform((n,), 0.1, 5.0)
-                    g_targets = [e_g, ecal_fit(e_g, self.spec.xscale)]
-                else:
-                    e_g = energy
-                    g_targets = [energy, angle, ecal]
+                e_g, g_targets = self._conditions(energy, angle, ecal, n)
                 z = self._latent(e_g, angle, n)
                 loss_g.append(self._update(G, self.opt_g, lambda: self._losses(
                     D(G(z, training=True), training=True), [tf.ones((n,))] + g_targets)))
