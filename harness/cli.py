@@ -1,15 +1,22 @@
-"""The ``cloudbench`` command line.
+"""The ``cloudbench`` command line: run, report, regress, baseline save, providers, down, gc, env.
 
-Implemented so far: ``cloudbench env`` (what this machine offers the trainer). The workload itself runs
-as ``python -m gan.train`` (see README.md); ``run``, ``report`` and ``regress`` arrive with the harness.
+Errors the user can act on print one line naming what was expected and exit non-zero (2 for invalid
+input); ``--json`` prints one machine-readable object on stdout.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import sys
+from pathlib import Path
+
+from harness.errors import CloudbenchError
+
+RUNS = Path("results") / "runs"
+BASELINES = Path("results") / "baselines"
 
 
 def environment() -> dict:
@@ -35,21 +42,297 @@ def environment() -> dict:
     return info
 
 
-def main(argv=None) -> int:
+# ------------------------------------------------------------------------------------------ commands
+def cmd_run(args):
+    from harness import plan as hplan
+    from harness import report, runner
+    from harness.results import RunStore
+    from providers import base
+
+    root = Path(args.results)
+    if args.resume:
+        store = RunStore.open(args.resume if os.path.isdir(args.resume) else root / args.resume)
+        doc = store.read_json("run.json")
+        plan = hplan.RunPlan.from_dict(doc["plan"])
+        provider = base.get(plan.provider, **dict(plan.provider_options))
+    else:
+        fields = hplan.load_yaml(args.plan) if args.plan else {}
+        options = dict(fields.pop("provider_options", {}) or {})
+        for opt in args.option or []:
+            if "=" not in opt:
+                raise hplan.PlanError("option", opt, "KEY=VALUE")
+            k, v = opt.split("=", 1)
+            options[k] = v
+        plan = hplan.build(fields, provider=args.provider, gpus=args.gpus, sweep=args.sweep,
+                           repetitions=args.repetitions, variant=args.variant, batch_size=args.batch_size,
+                           steps=args.steps, warmup=args.warmup, data=args.data, engine=args.engine,
+                           precision=args.precision, epoch_events=args.epoch_events,
+                           instance_type=args.instance_type, provider_options=options or None)
+        provider = base.get(plan.provider, **options)
+        if args.dry_run:
+            return dry_run(plan, provider, args.json)
+        plan, store = runner.start(plan, root, provider)
+    print(f"cloudbench: run {store.run_id} -> {store.dir}", file=sys.stderr)
+    try:
+        df = runner.execute(plan, store, provider, progress=not args.no_progress)
+    except runner.Interrupted:
+        print(f"cloudbench: interrupted; finished points are kept. Resume with: cloudbench run --resume {store.run_id}",
+              file=sys.stderr)
+        raise
+    ok = df[df["status"] == "ok"]
+    paths = {}
+    if len(ok):
+        agg, paths = report.write([store.dir])
+    state = store.read_json("run.json", {})
+    out = {"run_id": store.run_id, "results_dir": str(store.dir), "state": state.get("state"),
+           "report": paths, "failed_points": int((df["status"] != "ok").sum()),
+           "points": json.loads(df.to_json(orient="records"))}
+    if args.json:
+        print(json.dumps(out))
+    elif len(ok):
+        print(report.text_table(agg))
+        print(f"\nreport: {paths['html']}  (also {paths['md']})")
+    if not len(ok):
+        raise CloudbenchError(f"every point failed; see the logs in {store.dir / 'logs'}")
+    return 0
+
+
+def dry_run(plan, provider, as_json):
+    from harness import plan as hplan
+
+    offer = provider.offerings()[0] if not plan.instance_type else next(
+        (o for o in provider.offerings() if o.instance_type == plan.instance_type), None)
+    if offer is None:
+        raise hplan.PlanError("instance-type", plan.instance_type, "an instance type the provider offers")
+    plan = hplan.resolve(plan, offer)
+    per_node = offer.slots
+    nodes = -(-max(plan.sweep) // per_node)
+    price = None if offer.price_per_hour is None else offer.price_per_hour * nodes
+    launches = len(plan.sweep) * plan.repetitions
+    worst = None if price is None else price * launches * plan.point_timeout_s / 3600
+    out = {"provider": plan.provider, "instance_type": offer.instance_type, "nodes": nodes, "slots_per_node": per_node,
+           "device": "gpu" if offer.gpus else "cpu", "gpu_model": offer.gpu_model, "sweep": list(plan.sweep),
+           "repetitions": plan.repetitions, "launches": launches, "price_per_hour": price,
+           "cost_upper_bound": worst, "plan": plan.to_dict()}
+    if as_json:
+        print(json.dumps(out))
+    else:
+        print(f"fleet      {nodes} x {offer.instance_type} ({per_node} slots each, "
+              f"{out['device']}{', ' + offer.gpu_model if offer.gpu_model else ''})")
+        print(f"points     GPUs {', '.join(map(str, plan.sweep))} x {plan.repetitions} repetitions = {launches} launches")
+        print(f"trainer    {plan.variant}, batch {plan.batch_size}/rank, {plan.warmup} warm-up + {plan.steps} steps")
+        print("cost       " + ("unknown (no price for this provider)" if price is None else
+                              f"{price:.2f}/h for the fleet; at most {worst:.2f} if every launch ran to its timeout"))
+        print("dry run: nothing was provisioned")
+    return 0
+
+
+def cmd_report(args):
+    from harness import report
+
+    agg, paths = report.write(args.runs, args.out)
+    if args.json:
+        print(json.dumps({"report": paths, "points": report.rows_json(agg)}))
+    else:
+        print(report.text_table(agg))
+        print(f"\nreport: {paths['html']}  (also {paths['md']})")
+    return 0
+
+
+def cmd_regress(args):
+    from harness import regress
+
+    if not 0 <= args.tolerance < 1:
+        from harness.errors import PlanError
+
+        raise PlanError("tolerance", args.tolerance, "a fraction in [0, 1), e.g. 0.05")
+    checks = regress.compare(args.baseline, args.current, args.tolerance, args.alpha)
+    code = regress.exit_code(checks)
+    if args.junit:
+        regress.junit(checks, args.junit)
+    if args.json:
+        print(json.dumps({"exit_code": code, "regressions": sum(c.regressed for c in checks),
+                          "checks": regress.to_json(checks)}))
+    else:
+        print(regress.markdown(checks, args.tolerance, args.alpha))
+        if code == 2:
+            print("no point of the current run matches the baseline "
+                  "(same provider, instance type, device, GPUs, variant, batch)", file=sys.stderr)
+    return code
+
+
+def cmd_baseline(args):
+    from harness.results import copy_run
+
+    dst = copy_run(args.run_dir, Path(args.root) / args.name, overwrite=args.force)
+    print(dst)
+    return 0
+
+
+def cmd_providers(args):
+    from dataclasses import asdict
+
+    from providers import base
+
+    rows = []
+    for name, ep in sorted(base.available().items()):
+        try:
+            cls = ep.load()
+            rows.append({"name": name, "description": cls.description, **asdict(cls.capabilities)})
+        except Exception as e:  # a broken third-party plugin must not hide the others
+            rows.append({"name": name, "error": f"{type(e).__name__}: {e}"})
+    if args.json:
+        print(json.dumps({"providers": rows}))
+    else:
+        for r in rows:
+            if "error" in r:
+                print(f"{r['name']:12s} (fails to load: {r['error']})")
+                continue
+            caps = [c for c in ("gpus", "multi_node", "spot", "prices") if r[c]]
+            print(f"{r['name']:12s} {r['description']}\n{'':12s} capabilities: {', '.join(caps) or 'none'}; "
+                  f"engines: {', '.join(r['engines'])}{'; ' + r['notes'] if r['notes'] else ''}")
+    return 0
+
+
+def cmd_down(args):
+    from harness.results import RunStore
+    from providers import base
+
+    store = RunStore.open(args.run if os.path.isdir(args.run) else Path(args.results) / args.run)
+    fleet_doc = store.read_json("fleet.json")
+    plan = store.read_json("run.json", {}).get("plan", {})
+    name = (fleet_doc or {}).get("provider") or plan.get("provider")
+    provider = base.get(name, **(plan.get("provider_options") or {}))
+    fleet = base.Fleet.from_dict(fleet_doc) if fleet_doc else None
+    gone = provider.teardown(store.run_id, fleet)
+    if store.read_json("run.json", {}).get("state") == "running":
+        store.update_state(state="interrupted")
+    out = {"run_id": store.run_id, "removed": [r.__dict__ for r in gone]}
+    print(json.dumps(out) if args.json else f"run {store.run_id}: removed {len(gone)} resource(s)")
+    return 0
+
+
+def cmd_gc(args):
+    from harness.results import RunStore, is_live
+    from providers import base
+
+    provider = base.get(args.provider)
+    root = Path(args.results)
+    live = {d.name for d in root.iterdir() if d.is_dir() and (d / "run.json").exists()
+            and is_live(RunStore(d))} if root.is_dir() else set()
+    orphans = [r for r in provider.list_tagged() if r.run_id not in live]
+    removed = []
+    if not args.dry_run:
+        for run_id in sorted({r.run_id for r in orphans}):
+            removed += provider.teardown(run_id)
+    out = {"provider": args.provider, "dry_run": args.dry_run, "resources": [r.__dict__ for r in orphans]}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        verb = "would remove" if args.dry_run else "removed"
+        for r in orphans:
+            print(f"{verb} {r.kind} {r.id} (run {r.run_id}) {r.detail}")
+        print(f"{len(orphans)} orphaned resource(s); {verb} {len(orphans) if args.dry_run else len(removed)}")
+    return 0
+
+
+def cmd_env(args):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    info = environment()
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for k, v in info.items():
+            print(f"{k:14s} {v}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- parser
+def parser():
     ap = argparse.ArgumentParser(prog="cloudbench", description="Benchmark distributed 3DGAN training across clouds.")
     sub = ap.add_subparsers(dest="command", required=True)
-    env = sub.add_parser("env", help="show the TensorFlow/Horovod/CPU/GPU environment")
-    env.add_argument("--json", action="store_true")
-    args = ap.parse_args(argv)
-    if args.command == "env":
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        info = environment()
-        if args.json:
-            print(json.dumps(info))
-        else:
-            for k, v in info.items():
-                print(f"{k:14s} {v}")
-    return 0
+
+    r = sub.add_parser("run", help="provision, sweep GPU counts, collect, tear down, report")
+    r.add_argument("--provider", help="provider name (default local); see `cloudbench providers`")
+    r.add_argument("--plan", help="YAML plan file; flags override its fields")
+    r.add_argument("--gpus", help="largest point (default: every slot of one instance/this machine)")
+    r.add_argument("--sweep", help="GPU counts, e.g. 1,2,4 (default powers of two up to --gpus, plus --gpus)")
+    r.add_argument("--repetitions", help="launches per point (default 3)")
+    r.add_argument("--variant", help="fixed (default), angle, or small (tests only)")
+    r.add_argument("--batch-size", help="per rank (default: recipe on GPUs, 8 on CPU workers)")
+    r.add_argument("--steps", help="measured steps per launch (default 20)")
+    r.add_argument("--warmup", help="warm-up steps per launch, not timed (default 5)")
+    r.add_argument("--data", help="synthetic (default) or an HDF5 path on the nodes")
+    r.add_argument("--engine", help="gloo (default) or mpi")
+    r.add_argument("--precision", help="fp32 (default), bf16, fp16 (GPUs)")
+    r.add_argument("--epoch-events", help="training events per epoch for time/cost per epoch")
+    r.add_argument("--instance-type", help="pick this offering of the provider")
+    r.add_argument("--option", action="append", metavar="KEY=VALUE", help="provider option (repeatable)")
+    r.add_argument("--results", default=str(RUNS), help="runs directory (default results/runs)")
+    r.add_argument("--resume", metavar="RUN_ID", help="finish an interrupted run")
+    r.add_argument("--dry-run", action="store_true", help="print fleet, points and cost; buy nothing")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=cmd_run)
+
+    rp = sub.add_parser("report", help="tables and plots over one or more runs")
+    rp.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    rp.add_argument("--out", help="directory for report.md/html/csv (default: the first run's)")
+    rp.add_argument("--json", action="store_true")
+    rp.set_defaults(fn=cmd_report)
+
+    rg = sub.add_parser("regress", help="exit 1 on a significant scaling regression against a baseline")
+    rg.add_argument("--baseline", nargs="+", required=True, metavar="DIR")
+    rg.add_argument("--current", nargs="+", required=True, metavar="DIR")
+    rg.add_argument("--tolerance", type=float, default=0.05, help="allowed relative drop (default 0.05)")
+    rg.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
+    rg.add_argument("--junit", help="write JUnit XML here")
+    rg.add_argument("--json", action="store_true")
+    rg.set_defaults(fn=cmd_regress)
+
+    b = sub.add_parser("baseline", help="manage baselines")
+    bsub = b.add_subparsers(dest="action", required=True)
+    bs = bsub.add_parser("save", help="copy a run to results/baselines/NAME")
+    bs.add_argument("run_dir")
+    bs.add_argument("name")
+    bs.add_argument("--root", default=str(BASELINES))
+    bs.add_argument("--force", action="store_true", help="replace an existing baseline")
+    bs.set_defaults(fn=cmd_baseline)
+
+    p = sub.add_parser("providers", help="list providers and their capabilities")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_providers)
+
+    d = sub.add_parser("down", help="tear down one run's fleet from its saved record")
+    d.add_argument("run", metavar="RUN_ID")
+    d.add_argument("--results", default=str(RUNS))
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(fn=cmd_down)
+
+    g = sub.add_parser("gc", help="find (and remove) tagged resources of no live run")
+    g.add_argument("--provider", required=True)
+    g.add_argument("--results", default=str(RUNS))
+    g.add_argument("--dry-run", action="store_true")
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(fn=cmd_gc)
+
+    e = sub.add_parser("env", help="show the TensorFlow/Horovod/CPU/GPU environment")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_env)
+    return ap
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="cloudbench: %(message)s")
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except CloudbenchError as e:
+        print(f"cloudbench: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("cloudbench: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,110 @@
+"""The regression gate: a current run against a baseline, per matching point.
+
+A point matches on (provider, instance type, device, GPUs, variant, per-rank batch). For throughput and,
+for N > 1, scaling efficiency (per repetition: thr_rep(N) / (N median thr(1)) of the same run), the point
+regresses when the current median is below the baseline's by more than the tolerance AND a one-sided
+Welch t-test over the repetitions says the drop is significant (p < alpha). Exit codes: 0 no regression,
+1 regression, 2 nothing matched.
+"""
+from __future__ import annotations
+
+import math
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import stats
+
+from harness import report
+
+MATCH = ["provider", "instance_type", "device", "gpus", "variant", "batch_size_per_rank"]
+
+
+@dataclass(frozen=True)
+class Check:
+    point: str
+    metric: str
+    baseline: float
+    current: float
+    change_pct: float
+    p_value: float
+    regressed: bool
+    n_baseline: int
+    n_current: int
+
+
+def _per_rep(df):
+    """Successful repetitions with a per-repetition efficiency column."""
+    ok = df[df["status"] == "ok"].copy()
+    one = ok[ok["gpus"] == 1].groupby(["run_id"])["samples_per_s"].median()
+    ok["efficiency"] = ok["samples_per_s"] / (ok["gpus"] * ok["run_id"].map(one))
+    return ok
+
+
+def one_sided_p(base, cur):
+    """P(current mean >= baseline mean is wrong): Welch t-test, alternative 'current < baseline'."""
+    base, cur = np.asarray(base, float), np.asarray(cur, float)
+    if len(base) < 2 or len(cur) < 2:
+        return float("nan")
+    if np.var(base) == 0 and np.var(cur) == 0:
+        return 0.0 if cur.mean() < base.mean() else 1.0
+    return float(stats.ttest_ind(cur, base, equal_var=False, alternative="less").pvalue)
+
+
+def compare(baseline_dirs, current_dirs, tolerance=0.05, alpha=0.05):
+    b, c = _per_rep(report.load(baseline_dirs)), _per_rep(report.load(current_dirs))
+    checks = []
+    bg, cg = b.groupby(MATCH), c.groupby(MATCH)
+    for key in sorted(set(bg.groups) & set(cg.groups), key=str):
+        bb, cc = bg.get_group(key), cg.get_group(key)
+        name = "{} {} {} {}x, {} b{}".format(*key)
+        metrics = ["samples_per_s"] + (["efficiency"] if key[3] > 1 else [])
+        for m in metrics:
+            bv, cv = bb[m].dropna().to_numpy(), cc[m].dropna().to_numpy()
+            if not len(bv) or not len(cv):
+                continue
+            bm, cm = float(np.median(bv)), float(np.median(cv))
+            change = (cm - bm) / bm
+            p = one_sided_p(bv, cv)
+            significant = p < alpha if not math.isnan(p) else True  # one repetition: tolerance alone decides
+            checks.append(Check(point=name, metric=m, baseline=bm, current=cm, change_pct=100 * change,
+                                p_value=p, regressed=bool(change < -tolerance and significant),
+                                n_baseline=len(bv), n_current=len(cv)))
+    return checks
+
+
+def markdown(checks, tolerance, alpha):
+    lines = ["# cloudbench regress", "",
+             f"Tolerance {100 * tolerance:.1f} %, one-sided Welch t-test at alpha {alpha}.", "",
+             "| point | metric | baseline | current | change | p | verdict |", "|---|---|---|---|---|---|---|"]
+    for ch in checks:
+        verdict = "**REGRESSION**" if ch.regressed else "ok"
+        p = "n/a" if math.isnan(ch.p_value) else f"{ch.p_value:.3g}"
+        lines.append(f"| {ch.point} | {ch.metric} | {ch.baseline:.3f} | {ch.current:.3f} | "
+                     f"{ch.change_pct:+.1f} % | {p} | {verdict} |")
+    if not checks:
+        lines.append("| (no matching points) | | | | | | |")
+    bad = [ch for ch in checks if ch.regressed]
+    lines += ["", f"{len(bad)} regression(s) in {len(checks)} check(s)."]
+    return "\n".join(lines) + "\n"
+
+
+def junit(checks, path):
+    suite = ET.Element("testsuite", name="cloudbench-regress", tests=str(len(checks)),
+                       failures=str(sum(ch.regressed for ch in checks)))
+    for ch in checks:
+        case = ET.SubElement(suite, "testcase", classname=ch.point, name=ch.metric)
+        if ch.regressed:
+            fail = ET.SubElement(case, "failure", message=f"{ch.metric} {ch.change_pct:+.1f} % (p={ch.p_value:.3g})")
+            fail.text = f"baseline median {ch.baseline:.4f}, current median {ch.current:.4f}"
+    ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
+
+
+def exit_code(checks):
+    if not checks:
+        return 2
+    return 1 if any(ch.regressed for ch in checks) else 0
+
+
+def to_json(checks):
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(ch).items()} for ch in checks]

@@ -1,0 +1,173 @@
+"""Reports over one or more runs: a tidy frame in, a table per (provider, instance type, device, GPUs) out.
+
+Per point: median samples/s over repetitions with its spread, speed-up over the run's 1-GPU median,
+scaling efficiency E(N) = thr(N) / (N thr(1)), time per epoch for the plan's epoch size, and cost per
+epoch from the price recorded at launch (unknown price stays unknown: NaN). Written as report.md and a
+self-contained report.html (PNG plots inlined) next to a CSV of the table.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from harness.errors import CloudbenchError
+from harness.results import RunStore
+
+KEYS = ["run_id", "provider", "instance_type", "device", "gpus"]
+
+
+def load(run_dirs) -> pd.DataFrame:
+    """All samples of the given run directories, with each run's epoch size attached."""
+    frames = []
+    for d in run_dirs:
+        store = RunStore.open(d)
+        df = store.samples()
+        plan = store.read_json("run.json", {}).get("plan", {})
+        df["epoch_events"] = plan.get("epoch_events") or np.nan
+        frames.append(df)
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        raise CloudbenchError("no samples in " + ", ".join(map(str, run_dirs)))
+    return pd.concat(frames, ignore_index=True)
+
+
+def aggregate(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (run, provider, instance type, device, GPUs) from the successful repetitions."""
+    ok = df[df["status"] == "ok"]
+    failed = df[df["status"] != "ok"].groupby(KEYS).size().rename("failed")
+    g = ok.groupby(KEYS, sort=True)
+    thr = g["samples_per_s"]
+    agg = pd.DataFrame({
+        "repetitions": thr.size(),
+        "samples_per_s": thr.median(),
+        "samples_per_s_min": thr.min(),
+        "samples_per_s_max": thr.max(),
+        "samples_per_s_std": thr.std(),
+        "step_time_s": g["step_time_mean_s"].median(),
+        "price_per_hour": g["price_per_hour"].first(),
+        "epoch_events": g["epoch_events"].first(),
+        "variant": g["variant"].first(),
+        "batch_size_per_rank": g["batch_size_per_rank"].first(),
+    })
+    agg = agg.join(failed, how="outer").reset_index()
+    agg["failed"] = agg["failed"].fillna(0).astype(int)
+    agg["repetitions"] = agg["repetitions"].fillna(0).astype(int)
+    agg["spread_pct"] = 100 * (agg["samples_per_s_max"] - agg["samples_per_s_min"]) / agg["samples_per_s"]
+    one = agg[agg["gpus"] == 1].set_index(KEYS[:-1])["samples_per_s"]
+    base = agg.set_index(KEYS[:-1]).index.map(one.to_dict())
+    agg["speedup"] = agg["samples_per_s"].to_numpy() / np.asarray(base, dtype=float)
+    agg["efficiency"] = agg["speedup"] / agg["gpus"]
+    agg["epoch_time_s"] = agg["epoch_events"] / agg["samples_per_s"]
+    agg["cost_per_epoch"] = agg["price_per_hour"] * agg["epoch_time_s"] / 3600.0
+    return agg.sort_values(KEYS).reset_index(drop=True)
+
+
+TABLE = [("provider", "provider", "{}"), ("instance_type", "instance", "{}"), ("device", "device", "{}"),
+         ("gpus", "GPUs", "{:d}"), ("repetitions", "reps", "{:d}"), ("samples_per_s", "samples/s (median)", "{:.2f}"),
+         ("spread_pct", "spread %", "{:.1f}"), ("speedup", "speed-up", "{:.2f}"), ("efficiency", "efficiency", "{:.2f}"),
+         ("epoch_time_s", "epoch h", "{:.2f}"), ("cost_per_epoch", "cost/epoch", "{:.2f}"), ("failed", "failed", "{:d}")]
+
+
+def _cell(value, fmt, col):
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "unknown" if col == "cost_per_epoch" else "n/a"
+    if col == "epoch_time_s":
+        value = value / 3600.0
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def table_rows(agg):
+    return [[_cell(r[c], f, c) for c, _, f in TABLE] for _, r in agg.iterrows()]
+
+
+def markdown(agg, title="cloudbench report"):
+    head = [h for _, h, _ in TABLE]
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(agg)]
+    runs = ", ".join(sorted(agg["run_id"].unique()))
+    ev = agg["epoch_events"].dropna().unique()
+    lines += ["", f"Runs: {runs}.", f"Epoch = {', '.join(f'{int(e):,}' for e in ev)} training events; "
+              "efficiency E(N) = thr(N) / (N thr(1)); spread = (max - min) / median over repetitions; "
+              "cost from the price recorded at launch (unknown when the provider has no price)."]
+    return "\n".join(lines) + "\n"
+
+
+def text_table(agg):
+    head = [h for _, h, _ in TABLE]
+    rows = table_rows(agg)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    out = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
+    out += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(out)
+
+
+def plots(agg):
+    """(throughput PNG, efficiency PNG) as bytes: one line per run/provider, error bars min-max."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = []
+    for metric, ylabel in (("samples_per_s", "samples/s (median, min-max)"), ("efficiency", "scaling efficiency")):
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for (run, prov, inst, dev), grp in agg.groupby(KEYS[:-1]):
+            grp = grp.sort_values("gpus")
+            label = f"{prov} {inst} ({dev}) {run}"
+            if metric == "samples_per_s":
+                err = [grp["samples_per_s"] - grp["samples_per_s_min"], grp["samples_per_s_max"] - grp["samples_per_s"]]
+                ax.errorbar(grp["gpus"], grp[metric], yerr=err, marker="o", capsize=3, label=label)
+            else:
+                ax.plot(grp["gpus"], grp[metric], marker="o", label=label)
+        if metric == "efficiency":
+            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+            ax.set_ylim(bottom=0)
+        ax.set_xlabel("GPUs (ranks)")
+        ax.set_ylabel(ylabel)
+        ax.set_xticks(sorted(agg["gpus"].unique()))
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        images.append(buf.getvalue())
+    return images
+
+
+def html_report(agg, pngs, title="cloudbench report"):
+    head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in TABLE)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table_rows(agg))
+    imgs = "".join(f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(p).decode()}">' for p in pngs)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+            "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:48%;margin:1em 1% 0 0}"
+            f"</style></head><body><h1>{html.escape(title)}</h1><table><tr>{head}</tr>{body}</table>{imgs}"
+            "<p>Efficiency E(N) = thr(N) / (N thr(1)); spread = (max - min) / median over repetitions; cost from "
+            "the price recorded at launch.</p></body></html>\n")
+
+
+def write(run_dirs, out_dir=None, with_plots=True):
+    """Build the report; returns (aggregate frame, {"md": path, "html": path, "csv": path})."""
+    from harness.results import write_atomic
+
+    agg = aggregate(load(run_dirs))
+    out = Path(out_dir or run_dirs[0])
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out / "report.md", "html": out / "report.html", "csv": out / "report.csv"}
+    write_atomic(paths["md"], markdown(agg).encode())
+    write_atomic(paths["html"], html_report(agg, plots(agg) if with_plots else []).encode())
+    write_atomic(paths["csv"], agg.to_csv(index=False).encode())
+    return agg, {k: str(v) for k, v in paths.items()}
+
+
+def rows_json(agg):
+    return json.loads(agg.to_json(orient="records"))

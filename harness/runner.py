@@ -1,0 +1,180 @@
+"""One run: plan -> provision -> deploy -> sweep (points x repetitions) -> teardown.
+
+Teardown runs in ``finally`` and on SIGINT/SIGTERM; every finished point is in samples.parquet at once,
+so ``--resume`` finishes an interrupted sweep without redoing measured points. A failed point is recorded
+with its log and the sweep goes on.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import signal
+import socket
+import sys
+
+from harness import plan as hplan
+from harness.errors import CloudbenchError, PointFailed
+from harness.results import RunStore, new_run_id
+from providers import base
+
+log = logging.getLogger("cloudbench")
+
+
+class Interrupted(CloudbenchError):
+    exit_code = 130
+
+
+def _raise_interrupt(signum, frame):
+    raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
+
+
+def trainer_args(plan: hplan.RunPlan):
+    return ("--variant", plan.variant, "--batch-size", str(plan.batch_size), "--steps", str(plan.steps),
+            "--warmup", str(plan.warmup), "--data", plan.data, "--precision", plan.precision)
+
+
+def parse_summary(metrics_path):
+    """The trainer's last JSON line, which must be its summary. Raises PointFailed otherwise."""
+    try:
+        with open(metrics_path) as f:
+            lines = [line for line in f.read().splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise PointFailed("the trainer wrote no metrics file") from None
+    if not lines:
+        raise PointFailed("the trainer wrote no metrics")
+    try:
+        last = json.loads(lines[-1])
+    except json.JSONDecodeError as e:
+        raise PointFailed(f"unreadable trainer output line: {lines[-1][:200]!r} ({e})") from None
+    if last.get("event") != "summary" or "samples_per_s" not in last:
+        raise PointFailed(f"the trainer stopped before its summary (last record: {lines[-1][:200]})")
+    return last
+
+
+def environment():
+    return {"host": socket.gethostname(), "python": platform.python_version(), "executable": sys.executable,
+            "platform": platform.platform(), "cpus": len(os.sched_getaffinity(0)),
+            "harness_started_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+
+
+def nodes_for(fleet: base.Fleet, ranks):
+    """How many of the fleet's nodes a point with ``ranks`` ranks occupies (filled in order)."""
+    used, left = 0, ranks
+    for node in fleet.nodes:
+        if left <= 0:
+            break
+        used += 1
+        left -= node.slots
+    return used
+
+
+def start(plan: hplan.RunPlan, root, provider):
+    """Resolve the plan against the provider's offering and create the run directory."""
+    offers = provider.offerings()
+    if not offers:
+        raise CloudbenchError(f"provider {plan.provider} offers no instance type")
+    offer = next((o for o in offers if o.instance_type == plan.instance_type), None) if plan.instance_type else offers[0]
+    if offer is None:
+        raise hplan.PlanError("instance-type", plan.instance_type, "one of " + ", ".join(o.instance_type for o in offers))
+    resolved = hplan.resolve(plan, offer)
+    store = RunStore.create(root, new_run_id(plan.provider))
+    store.write_json("run.json", {"run_id": store.run_id, "state": "created", "plan": resolved.to_dict(),
+                                  "offering": offer.__dict__})
+    store.write_json("environment.json", environment())
+    return resolved, store
+
+
+def execute(plan: hplan.RunPlan, store: RunStore, provider, progress=True):
+    """Run (or resume) the sweep; returns the samples frame. Always tears down."""
+    old = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    fleet = None
+    store.update_state(state="running", pid=os.getpid(), resumed=bool(store.done()) or None)
+    try:
+        provider.check()
+        spec = base.FleetSpec(run_id=store.run_id, provider=plan.provider, slots=max(plan.sweep),
+                              variant=plan.variant, instance_type=plan.instance_type, engine=plan.engine,
+                              options=plan.provider_options)
+        fleet = provider.provision(spec, on_record=lambda f: store.write_json("fleet.json", f.to_dict()))
+        store.write_json("fleet.json", fleet.to_dict())
+        provider.deploy(fleet)
+        cpus_per_rank = max(1, fleet.nodes[0].slots // max(plan.sweep)) if fleet.device == "cpu" else None
+        done = store.done()
+        for gpus in plan.sweep:
+            for rep in range(1, plan.repetitions + 1):
+                if (gpus, rep) in done:
+                    continue
+                run_point(plan, store, provider, fleet, gpus, rep, cpus_per_rank, progress)
+        store.update_state(state="finished", finished_at=dt.datetime.now(dt.timezone.utc).isoformat())
+        return store.samples()
+    except Interrupted:
+        store.update_state(state="interrupted")
+        raise
+    except BaseException:
+        store.update_state(state="failed")
+        raise
+    finally:
+        try:
+            provider.teardown(store.run_id, fleet)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def run_point(plan, store, provider, fleet, gpus, rep, cpus_per_rank, progress):
+    log_path, metrics_path = store.log_paths(gpus, rep)
+    for p in (metrics_path,):
+        if os.path.exists(p):
+            os.remove(p)
+    job = base.Job(run_id=store.run_id, ranks=gpus, trainer_args=trainer_args(plan), metrics_path=metrics_path,
+                   log_path=log_path, timeout_s=plan.point_timeout_s, cpus_per_rank=cpus_per_rank)
+    nodes = nodes_for(fleet, gpus)
+    row = {"run_id": store.run_id, "provider": fleet.provider, "instance_type": fleet.instance_type,
+           "gpu_model": fleet.nodes[0].gpu_model, "device": fleet.device, "nodes": nodes, "gpus": gpus,
+           "repetition": rep, "steps": plan.steps, "warmup": plan.warmup, "batch_size_per_rank": plan.batch_size,
+           "variant": plan.variant, "precision": plan.precision, "engine": fleet.engine,
+           "price_per_hour": None if fleet.price_per_hour is None else fleet.price_per_hour * nodes,
+           "currency": fleet.currency, "log_path": os.path.relpath(log_path, store.dir),
+           "metrics_path": os.path.relpath(metrics_path, store.dir),
+           "started_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+    bar = _bar(progress, f"{gpus} {'GPU' if fleet.device == 'gpu' else 'rank'}{'s' if gpus > 1 else ''} "
+                         f"rep {rep}/{plan.repetitions}", plan.warmup + plan.steps)
+    try:
+        res = provider.launch(fleet, job, on_progress=bar.update_to if bar else None)
+        row["seconds"] = res.seconds
+        if res.returncode != 0:
+            raise PointFailed(f"trainer exited with code {res.returncode}", log_path)
+        s = parse_summary(metrics_path)
+        row.update(status="ok", samples_per_s=s["samples_per_s"], samples_per_s_per_rank=s["samples_per_s_per_rank"],
+                   step_time_mean_s=s["step_time_mean_s"], step_time_std_s=s["step_time_std_s"],
+                   hosts=",".join(s.get("hosts", [])), flops_per_sample=s.get("flops_per_sample"),
+                   tf_version=s.get("tf_version"), horovod_version=s.get("horovod_version"))
+        if s.get("ranks") != gpus:
+            raise PointFailed(f"the trainer ran {s.get('ranks')} ranks, expected {gpus}", log_path)
+    except PointFailed as e:
+        row.update(status="failed", error=str(e))
+        log.warning("point %d GPU(s) repetition %d failed: %s (log: %s)", gpus, rep, e, log_path)
+    finally:
+        if bar:
+            bar.close()
+    store.add_sample(row)
+    return row
+
+
+def _bar(enabled, desc, total):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    class Bar(tqdm):
+        def update_to(self, n):
+            self.update(max(0, min(n, self.total) - self.n))
+
+    return Bar(total=total, desc=desc, unit="step", file=sys.stderr, leave=True, dynamic_ncols=True, disable=None)
+
+
+def new_plan_run(plan, root, provider, progress=True):
+    resolved, store = start(plan, root, provider)
+    return resolved, store, execute(resolved, store, provider, progress)
