@@ -99,11 +99,9 @@ def cmd_run(args):
 
 def dry_run(plan, provider, as_json):
     from harness import plan as hplan
+    from harness.runner import choose_offering
 
-    offer = provider.offerings()[0] if not plan.instance_type else next(
-        (o for o in provider.offerings() if o.instance_type == plan.instance_type), None)
-    if offer is None:
-        raise hplan.PlanError("instance-type", plan.instance_type, "an instance type the provider offers")
+    offer = choose_offering(plan, provider)
     plan = hplan.resolve(plan, offer)
     per_node = offer.slots
     nodes = -(-max(plan.sweep) // per_node)

@@ -130,11 +130,12 @@ def plots(agg):
                 ax.plot(grp["gpus"], grp[metric], marker="o", label=label)
         if metric == "efficiency":
             ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-            ax.set_ylim(bottom=0)
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("GPUs (ranks)")
         ax.set_ylabel(ylabel)
         ax.set_xticks(sorted(agg["gpus"].unique()))
-        ax.legend(fontsize=7)
+        if agg.groupby(KEYS[:-1]).ngroups <= 12:  # beyond that a legend hides the plot
+            ax.legend(fontsize=7)
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100)

@@ -71,14 +71,22 @@ def nodes_for(fleet: base.Fleet, ranks):
     return used
 
 
-def start(plan: hplan.RunPlan, root, provider):
-    """Resolve the plan against the provider's offering and create the run directory."""
+def choose_offering(plan: hplan.RunPlan, provider):
+    """The offering the plan names (--instance-type), or the provider's first."""
     offers = provider.offerings()
     if not offers:
         raise CloudbenchError(f"provider {plan.provider} offers no instance type")
-    offer = next((o for o in offers if o.instance_type == plan.instance_type), None) if plan.instance_type else offers[0]
-    if offer is None:
-        raise hplan.PlanError("instance-type", plan.instance_type, "one of " + ", ".join(o.instance_type for o in offers))
+    if not plan.instance_type:
+        return offers[0]
+    for o in offers:
+        if o.instance_type == plan.instance_type:
+            return o
+    raise hplan.PlanError("instance-type", plan.instance_type, "one of " + ", ".join(o.instance_type for o in offers))
+
+
+def start(plan: hplan.RunPlan, root, provider):
+    """Resolve the plan against the provider's offering and create the run directory."""
+    offer = choose_offering(plan, provider)
     resolved = hplan.resolve(plan, offer)
     store = RunStore.create(root, new_run_id(plan.provider))
     store.write_json("run.json", {"run_id": store.run_id, "state": "created", "plan": resolved.to_dict(),
@@ -125,9 +133,8 @@ def execute(plan: hplan.RunPlan, store: RunStore, provider, progress=True):
 
 def run_point(plan, store, provider, fleet, gpus, rep, cpus_per_rank, progress):
     log_path, metrics_path = store.log_paths(gpus, rep)
-    for p in (metrics_path,):
-        if os.path.exists(p):
-            os.remove(p)
+    if os.path.exists(metrics_path):  # a resumed point starts from a clean metrics file
+        os.remove(metrics_path)
     job = base.Job(run_id=store.run_id, ranks=gpus, trainer_args=trainer_args(plan), metrics_path=metrics_path,
                    log_path=log_path, timeout_s=plan.point_timeout_s, cpus_per_rank=cpus_per_rank)
     nodes = nodes_for(fleet, gpus)

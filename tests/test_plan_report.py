@@ -150,3 +150,29 @@ def test_baseline_save_copies_and_refuses_to_overwrite(tmp_path):
     assert p.returncode == 1 and "--force" in p.stderr
     with pytest.raises(Exception, match="not a cloudbench run"):
         copy_run(tmp_path / "nothing", root / "x")
+
+
+def test_nightly_workflow_example_uses_real_commands_and_flags():
+    """Every cloudbench call in the shipped GitHub workflow parses with the real CLI."""
+    import re
+    import shlex
+
+    import yaml
+
+    from conftest import ROOT
+    from harness.cli import parser
+
+    wf = yaml.safe_load((ROOT / ".github/workflows/nightly-scaling.yml").read_text())
+    env = wf["jobs"]["scaling"]["env"]
+    calls = []
+    for step in wf["jobs"]["scaling"]["steps"]:
+        script = step.get("run", "").replace("\\\n", " ")
+        for line in script.splitlines():
+            if ".venv/bin/cloudbench" in line:
+                cmd = line.split(".venv/bin/cloudbench", 1)[1].split("|")[0].split(">")[0]
+                cmd = re.sub(r"\$\{\{[^}]*\}\}", "results/runs/x", cmd)
+                cmd = re.sub(r"\"?\$(\w+)\"?", lambda m: env.get(m.group(1), m.group(0)), cmd)
+                calls.append(shlex.split(cmd))
+    assert {c[0] for c in calls} == {"run", "regress", "gc"}
+    for c in calls:
+        parser().parse_args(c)  # argparse exits (SystemExit) on an unknown flag
