@@ -46,13 +46,15 @@ def environment() -> dict:
 def cmd_run(args):
     from harness import plan as hplan
     from harness import report, runner
-    from harness.results import RunStore
+    from harness.results import RunStore, is_live
     from providers import base
 
     root = Path(args.results)
     if args.resume:
         store = RunStore.open(args.resume if os.path.isdir(args.resume) else root / args.resume)
         doc = store.read_json("run.json")
+        if is_live(store):
+            raise CloudbenchError(f"run {store.run_id} is still running (harness pid {doc.get('pid')})")
         plan = hplan.RunPlan.from_dict(doc["plan"])
         provider = base.get(plan.provider, **dict(plan.provider_options))
     else:
@@ -218,7 +220,7 @@ def cmd_gc(args):
     root = Path(args.results)
     live = {d.name for d in root.iterdir() if d.is_dir() and (d / "run.json").exists()
             and is_live(RunStore(d))} if root.is_dir() else set()
-    orphans = [r for r in provider.list_tagged() if r.run_id not in live]
+    orphans = [r for r in provider.list_tagged() if r.run_id not in live and not r.owner_alive]
     removed = []
     if not args.dry_run:
         for run_id in sorted({r.run_id for r in orphans}):

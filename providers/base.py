@@ -125,6 +125,7 @@ class Resource:
     id: str
     run_id: str
     detail: str = ""
+    owner_alive: Optional[bool] = None  # the harness that made it still runs (None: unknown)
 
 
 @runtime_checkable

@@ -128,20 +128,26 @@ def test_dry_run_buys_nothing(tmp_path):
 
 
 def test_gc_finds_and_removes_orphans_and_down_is_idempotent(tmp_path):
-    env = {**os.environ, "CLOUDBENCH_RUN": "20200101-000000-local-dead"}
+    env = {**os.environ, "CLOUDBENCH_RUN": "20200101-000000-local-dead", "CLOUDBENCH_OWNER": "999999999"}
     orphan = subprocess.Popen(["sleep", "300"], env=env)
+    # A process whose launching harness (here: this test) is alive belongs to a live run: gc spares it.
+    owned = subprocess.Popen(["sleep", "300"], env={**os.environ, "CLOUDBENCH_RUN": "20200101-000000-local-live",
+                                                    "CLOUDBENCH_OWNER": str(os.getpid())})
     try:
         p = cloudbench("gc", "--provider", "local", "--dry-run", "--json", "--results", tmp_path)
         assert p.returncode == 0
         found = json.loads(p.stdout)["resources"]
         assert any(r["id"] == str(orphan.pid) and r["run_id"] == "20200101-000000-local-dead" for r in found)
         assert orphan.poll() is None  # dry run touches nothing
+        assert not any(r["id"] == str(owned.pid) for r in found)
         p = cloudbench("gc", "--provider", "local", "--json", "--results", tmp_path)
         assert p.returncode == 0
         orphan.wait(timeout=10)
+        assert owned.poll() is None
     finally:
-        if orphan.poll() is None:
-            orphan.kill()
+        for proc in (orphan, owned):
+            if proc.poll() is None:
+                proc.kill()
     p = cloudbench("providers", "--json")
     assert any(r["name"] == "local" for r in json.loads(p.stdout)["providers"])
 

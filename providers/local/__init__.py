@@ -18,6 +18,7 @@ from harness.errors import PointFailed, ProviderError
 from providers.base import TAG, Capabilities, Fleet, FleetSpec, Job, JobResult, Node, Offering, Resource
 
 ENV_TAG = "CLOUDBENCH_RUN"
+ENV_OWNER = "CLOUDBENCH_OWNER"  # pid of the harness that launched the process
 
 
 def local_gpus():
@@ -95,7 +96,7 @@ class LocalProvider:
 
     def launch(self, fleet: Fleet, job: Job, on_progress=None):
         cmd = self.command(fleet, job)
-        env = {**os.environ, ENV_TAG: job.run_id, "TF_CPP_MIN_LOG_LEVEL": "2",
+        env = {**os.environ, ENV_TAG: job.run_id, ENV_OWNER: str(os.getpid()), "TF_CPP_MIN_LOG_LEVEL": "2",
                "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
         t0 = time.monotonic()
         with open(job.log_path, "ab") as log:
@@ -141,10 +142,13 @@ class LocalProvider:
                     cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
             except OSError:
                 continue
-            for item in env:
-                if item.startswith(ENV_TAG.encode() + b"="):
-                    found.append(Resource(kind="process", id=pid, run_id=item.split(b"=", 1)[1].decode(),
-                                          detail=f"{TAG} {cmdline[:120]}"))
+            tags = dict(item.split(b"=", 1) for item in env if b"=" in item)
+            run_id = tags.get(ENV_TAG.encode())
+            if run_id is None:
+                continue
+            owner = tags.get(ENV_OWNER.encode(), b"").decode()
+            found.append(Resource(kind="process", id=pid, run_id=run_id.decode(), detail=f"{TAG} {cmdline[:120]}",
+                                  owner_alive=alive(int(owner)) if owner.isdigit() else None))
         return found
 
 
