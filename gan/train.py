@@ -251,6 +251,10 @@ class GANTrainer:
         self.engine.average_variables([v for m in (self.generator, self.discriminator)
                                        for v in m.non_trainable_variables])
 
+    @staticmethod
+    def gradient_bytes(model):
+        return int(sum(v.shape.num_elements() * v.dtype.size for v in model.trainable_variables))
+
     def digest(self):
         h = hashlib.sha256()
         for v in self.generator.variables + self.discriminator.variables:
@@ -395,6 +399,9 @@ def run(args, hold=None) -> dict:
         "learning_rate": args.lr * engine.size,
         "variant": args.variant,
         "flops_per_sample": flops,
+        # Gradient bytes each allreduce of a step carries: D (real), D (fake), G, G.
+        "allreduce_bytes_per_step": [trainer.gradient_bytes(trainer.discriminator)] * 2
+                                    + [trainer.gradient_bytes(trainer.generator)] * 2,
         "achieved_flops_per_s": thr * flops,
         "precision": args.precision,
         "xla": args.xla,

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from harness import scaling
 from harness.errors import CloudbenchError
 from harness.results import RunStore
 
@@ -54,6 +55,10 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         "epoch_events": g["epoch_events"].first(),
         "variant": g["variant"].first(),
         "batch_size_per_rank": g["batch_size_per_rank"].first(),
+        "grad_bytes_d": g["grad_bytes_d"].median(),
+        "grad_bytes_g": g["grad_bytes_g"].median(),
+        "link_bandwidth_Bps": g["link_bandwidth_Bps"].median(),
+        "link_latency_s": g["link_latency_s"].median(),
     })
     agg = agg.join(failed, how="outer").reset_index()
     agg["failed"] = agg["failed"].fillna(0).astype(int)
@@ -63,6 +68,14 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     base = agg.set_index(KEYS[:-1]).index.map(one.to_dict())
     agg["speedup"] = agg["samples_per_s"].to_numpy() / np.asarray(base, dtype=float)
     agg["efficiency"] = agg["speedup"] / agg["gpus"]
+    t1 = agg[agg["gpus"] == 1].set_index(KEYS[:-1])["step_time_s"].to_dict()
+    agg["predicted_efficiency"] = [
+        scaling.predicted_efficiency(t1.get(tuple(r[k] for k in KEYS[:-1]), np.nan), int(r["gpus"]),
+                                     [r["grad_bytes_d"]] * 2 + [r["grad_bytes_g"]] * 2,
+                                     r["link_bandwidth_Bps"], 0.0 if np.isnan(r["link_latency_s"]) else r["link_latency_s"])
+        for _, r in agg.iterrows()]
+    # Flag points more than 10 % below what the link allows (NaN prediction: no flag).
+    agg["below_prediction"] = agg["efficiency"] < 0.9 * agg["predicted_efficiency"]
     agg["epoch_time_s"] = agg["epoch_events"] / agg["samples_per_s"]
     agg["cost_per_epoch"] = agg["price_per_hour"] * agg["epoch_time_s"] / 3600.0
     return agg.sort_values(KEYS).reset_index(drop=True)
@@ -71,6 +84,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
 TABLE = [("provider", "provider", "{}"), ("instance_type", "instance", "{}"), ("device", "device", "{}"),
          ("gpus", "GPUs", "{:d}"), ("repetitions", "reps", "{:d}"), ("samples_per_s", "samples/s (median)", "{:.2f}"),
          ("spread_pct", "spread %", "{:.1f}"), ("speedup", "speed-up", "{:.2f}"), ("efficiency", "efficiency", "{:.2f}"),
+         ("predicted_efficiency", "predicted", "{:.2f}"), ("below_prediction", "flag", "{}"),
          ("epoch_time_s", "epoch h", "{:.2f}"), ("cost_per_epoch", "cost/epoch", "{:.2f}"), ("failed", "failed", "{:d}")]
 
 
@@ -79,6 +93,8 @@ def _cell(value, fmt, col):
         return "unknown" if col == "cost_per_epoch" else "n/a"
     if col == "epoch_time_s":
         value = value / 3600.0
+    if col == "below_prediction":
+        return "BELOW MODEL" if value else ""
     try:
         return fmt.format(value)
     except (ValueError, TypeError):
@@ -96,7 +112,9 @@ def markdown(agg, title="cloudbench report"):
     runs = ", ".join(sorted(agg["run_id"].unique()))
     ev = agg["epoch_events"].dropna().unique()
     lines += ["", f"Runs: {runs}.", f"Epoch = {', '.join(f'{int(e):,}' for e in ev)} training events; "
-              "efficiency E(N) = thr(N) / (N thr(1)); spread = (max - min) / median over repetitions; "
+              "efficiency E(N) = thr(N) / (N thr(1)); predicted = t(1) / (t(1) + ring allreduce time of the step's "
+              "gradients over the fleet's measured link); BELOW MODEL = more than 10 % below the prediction; "
+              "spread = (max - min) / median over repetitions; "
               "cost from the price recorded at launch (unknown when the provider has no price)."]
     return "\n".join(lines) + "\n"
 

@@ -28,7 +28,9 @@ COLUMNS = ["run_id", "provider", "instance_type", "gpu_model", "device", "nodes"
            "samples_per_s", "samples_per_s_per_rank", "step_time_mean_s", "step_time_std_s", "steps", "warmup",
            "batch_size_per_rank", "variant", "precision", "engine", "price_per_hour", "currency", "hosts",
            "flops_per_sample", "tf_version", "horovod_version", "started_at", "seconds", "error", "log_path",
-           "metrics_path"]
+           "metrics_path", "grad_bytes_d", "grad_bytes_g", "link_bandwidth_Bps", "link_latency_s"]
+NUMERIC = ["samples_per_s", "samples_per_s_per_rank", "step_time_mean_s", "step_time_std_s", "price_per_hour",
+           "flops_per_sample", "seconds", "grad_bytes_d", "grad_bytes_g", "link_bandwidth_Bps", "link_latency_s"]
 
 
 def new_run_id(provider):
@@ -86,9 +88,16 @@ class RunStore:
         return self.dir / "samples.parquet"
 
     def samples(self) -> pd.DataFrame:
+        """All rows; columns added in later versions are NaN in older runs."""
         if not self.samples_path.exists():
             return pd.DataFrame(columns=COLUMNS)
-        return pd.read_parquet(self.samples_path)
+        df = pd.read_parquet(self.samples_path)
+        for c in COLUMNS:
+            if c not in df:
+                df[c] = float("nan") if c in NUMERIC else None
+            elif c in NUMERIC and df[c].dtype == object:
+                df[c] = pd.to_numeric(df[c], errors="coerce")
+        return df
 
     def add_sample(self, row: dict):
         """Append one point's row (replacing an earlier row of the same GPU count and repetition)."""
@@ -101,8 +110,7 @@ class RunStore:
         new = pd.DataFrame([{c: row.get(c) for c in COLUMNS}])
         df = new if not len(df) else pd.concat([df, new], ignore_index=True)
         df = df.astype({"gpus": "int64", "repetition": "int64", "nodes": "int64"})
-        for c in ("samples_per_s", "samples_per_s_per_rank", "step_time_mean_s", "step_time_std_s",
-                  "price_per_hour", "flops_per_sample", "seconds"):
+        for c in NUMERIC:
             df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
         tmp = self.dir / f".samples.{os.getpid()}.tmp"
         df.to_parquet(tmp, index=False)

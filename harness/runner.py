@@ -145,7 +145,9 @@ def run_point(plan, store, provider, fleet, gpus, rep, cpus_per_rank, progress):
            "price_per_hour": None if fleet.price_per_hour is None else fleet.price_per_hour * nodes,
            "currency": fleet.currency, "log_path": os.path.relpath(log_path, store.dir),
            "metrics_path": os.path.relpath(metrics_path, store.dir),
-           "started_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+           "started_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+           "link_bandwidth_Bps": dict(fleet.extra).get("link_bandwidth_Bps"),
+           "link_latency_s": dict(fleet.extra).get("link_latency_s")}
     bar = _bar(progress, f"{gpus} {'GPU' if fleet.device == 'gpu' else 'rank'}{'s' if gpus > 1 else ''} "
                          f"rep {rep}/{plan.repetitions}", plan.warmup + plan.steps)
     try:
@@ -158,6 +160,9 @@ def run_point(plan, store, provider, fleet, gpus, rep, cpus_per_rank, progress):
                    step_time_mean_s=s["step_time_mean_s"], step_time_std_s=s["step_time_std_s"],
                    hosts=",".join(s.get("hosts", [])), flops_per_sample=s.get("flops_per_sample"),
                    tf_version=s.get("tf_version"), horovod_version=s.get("horovod_version"))
+        sizes = s.get("allreduce_bytes_per_step") or []
+        if len(sizes) == 4:
+            row.update(grad_bytes_d=sizes[0], grad_bytes_g=sizes[2])
         if s.get("ranks") != gpus:
             raise PointFailed(f"the trainer ran {s.get('ranks')} ranks, expected {gpus}", log_path)
     except PointFailed as e:

@@ -176,3 +176,32 @@ def test_nightly_workflow_example_uses_real_commands_and_flags():
     assert {c[0] for c in calls} == {"run", "regress", "gc"}
     for c in calls:
         parser().parse_args(c)  # argparse exits (SystemExit) on an unknown flag
+
+
+def test_ring_allreduce_model():
+    from harness import scaling
+
+    # 2 ranks: each rank sends and receives half the message twice -> bytes / bandwidth in total.
+    assert scaling.ring_allreduce_s(2, 1e9, 1e9) == pytest.approx(1.0)
+    assert scaling.ring_allreduce_s(4, 1e9, 1e9, latency_s=1e-3) == pytest.approx(1.5 + 6e-3)
+    assert scaling.ring_allreduce_s(1, 1e9, 1e9) == 0.0
+    # 1 s compute, 4 messages of 0.25 GB over 1 GB/s at n=2 -> 1 s of communication -> E = 0.5.
+    assert scaling.predicted_efficiency(1.0, 2, [0.25e9] * 4, 1e9) == pytest.approx(0.5)
+    assert np.isnan(scaling.predicted_efficiency(1.0, 2, [0.25e9] * 4, float("nan")))
+    bw, lat = scaling.measure_tcp_link(megabytes=8)
+    assert bw > 1e7 and 0 < lat < 0.01
+
+
+def test_report_predicts_and_flags_points_below_the_model(tmp_path):
+    store = make_run(tmp_path, "m", {1: [100.0, 100.0], 2: [190.0, 190.0], 4: [200.0, 200.0]})
+    df = store.samples()
+    df["grad_bytes_d"], df["grad_bytes_g"] = 1e6, 4e6
+    df["link_bandwidth_Bps"], df["link_latency_s"] = 1e9, 0.0
+    df.to_parquet(store.samples_path, index=False)
+    agg = report.aggregate(report.load([store.dir])).set_index("gpus")
+    # step time 1 s; per step 2x1 MB + 2x4 MB = 10 MB; n=2: 10 ms -> 0.990; n=4: 15 ms -> 0.985
+    assert agg.loc[2, "predicted_efficiency"] == pytest.approx(1 / 1.010)
+    assert agg.loc[4, "predicted_efficiency"] == pytest.approx(1 / 1.015)
+    assert not agg.loc[2, "below_prediction"]  # 0.95 measured
+    assert agg.loc[4, "below_prediction"]  # 0.50 measured
+    assert "BELOW MODEL" in report.markdown(agg.reset_index())

@@ -43,9 +43,12 @@ def test_run_sweep_json_results_and_report(tmp_path):
     assert (df["status"] == "ok").all() and (df["samples_per_s"] > 0).all()
     assert set(df["device"]) == {"cpu"} and df["price_per_hour"].isna().all()
     assert all((d / lp).is_file() for lp in df["log_path"])
+    assert (df["link_bandwidth_Bps"] > 1e7).all()  # measured loopback link
+    # fp32 gradients of the trainable weights (parameters less BN moving statistics) of small G and D
+    assert (df["grad_bytes_g"] == 4 * (324_960 - 24)).all() and (df["grad_bytes_d"] == 4 * (11_758 - 8)).all()
     assert len(out["points"]) == 6
     report = (d / "report.md").read_text()
-    assert "| local |" in report and "efficiency" in report
+    assert "| local |" in report and "efficiency" in report and "predicted" in report
     assert not tagged(out["run_id"])  # nothing left running
 
 

@@ -70,8 +70,12 @@ class LocalProvider:
         device = "gpu" if off.gpus else "cpu"
         node = Node(name=socket.gethostname(), address="127.0.0.1", slots=off.slots, device=device,
                     gpu_model=off.gpu_model)
+        from harness.scaling import measure_tcp_link
+
+        bw, latency = measure_tcp_link()  # Gloo's ranks talk TCP over loopback here
         fleet = Fleet(run_id=spec.run_id, provider=self.name, instance_type=off.instance_type, nodes=(node,),
-                      price_per_hour=None, engine=spec.engine)
+                      price_per_hour=None, engine=spec.engine,
+                      extra=(("link_bandwidth_Bps", bw), ("link_latency_s", latency)))
         on_record(fleet)
         return fleet
 
