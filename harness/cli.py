@@ -236,6 +236,29 @@ def cmd_gc(args):
     return 0
 
 
+def cmd_lab(args):
+    from harness import lab
+
+    if args.action == "up":
+        out = lab.up(hosts=args.hosts, bandwidth=args.bandwidth, name=args.name, slots=args.slots)
+    elif args.action == "down":
+        out = lab.down(args.name)
+    else:
+        out = lab.status(args.name)
+    if args.json:
+        print(json.dumps(out))
+    elif args.action == "down":
+        print(f"lab {out['name']}: removed {out['removed_hosts']} host(s)")
+    elif not out["up"]:
+        print(f"lab {out['name']} is down")
+    else:
+        for h in out["hosts"]:
+            print(f"{h['name']:10s} {h['address']}:{h['port']}  netns {h['netns']}  slots {h['slots']}  "
+                  f"rate {h['rate']}  sshd {'up' if h['sshd'] else 'DOWN'}")
+        print(f"inventory  {out['inventory']}")
+    return 0
+
+
 def cmd_env(args):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     info = environment()
@@ -315,6 +338,19 @@ def parser():
     g.add_argument("--dry-run", action="store_true")
     g.add_argument("--json", action="store_true")
     g.set_defaults(fn=cmd_gc)
+
+    lab = sub.add_parser("lab", help="hosts on this machine: network namespaces with sshd (needs root)")
+    lsub = lab.add_subparsers(dest="action", required=True)
+    for action, text in (("up", "create the lab"), ("down", "remove the lab (safe to repeat)"),
+                         ("status", "show hosts and the inventory path")):
+        a = lsub.add_parser(action, help=text)
+        a.add_argument("--name", default="lab", help="lab name, 1-6 lower-case letters/digits (default lab)")
+        a.add_argument("--json", action="store_true")
+        if action == "up":
+            a.add_argument("--hosts", type=int, default=2)
+            a.add_argument("--bandwidth", default=None, help="per-host egress limit, e.g. 100mbit (tc tbf)")
+            a.add_argument("--slots", type=int, default=None, help="ranks per host (default: this machine's cores)")
+        a.set_defaults(fn=cmd_lab)
 
     e = sub.add_parser("env", help="show the TensorFlow/Horovod/CPU/GPU environment")
     e.add_argument("--json", action="store_true")

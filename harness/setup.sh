@@ -26,6 +26,9 @@ need_apt=()
 command -v cmake >/dev/null || need_apt+=(cmake)
 command -v g++ >/dev/null || need_apt+=(g++)
 command -v ssh >/dev/null || need_apt+=(openssh-client)
+# The tests' lab hosts run their own sshd (network namespaces; root only).
+case ",$extras," in *,test,*) [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server) ;; esac
+command -v ip >/dev/null || need_apt+=(iproute2)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     log "missing system packages: ${need_apt[*]} (install them with apt-get as root, then re-run)"; exit 1
