@@ -15,8 +15,6 @@ import json
 import sys
 import time
 
-import numpy as np
-
 
 def time_generator(variant, events, batch, checkpoint=None, threads=None):
     import tensorflow as tf

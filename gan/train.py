@@ -291,7 +291,7 @@ class Emitter:
     def __call__(self, record):
         if not self.on:
             return
-        line = json.dumps(record, default=_jsonable)
+        line = json.dumps(record, default=str)
         print(line, flush=True)
         if self.file:
             self.file.write(line + "\n")
@@ -300,12 +300,6 @@ class Emitter:
     def close(self):
         if self.file:
             self.file.close()
-
-
-def _jsonable(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return str(x)
 
 
 def make_dataset(args, engine):

@@ -186,7 +186,3 @@ def _bar(enabled, desc, total):
 
     return Bar(total=total, desc=desc, unit="step", file=sys.stderr, leave=True, dynamic_ncols=True, disable=None)
 
-
-def new_plan_run(plan, root, provider, progress=True):
-    resolved, store = start(plan, root, provider)
-    return resolved, store, execute(resolved, store, provider, progress)

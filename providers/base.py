@@ -7,7 +7,7 @@ tag. Providers are found through the ``cloudbench.providers`` entry-point group;
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from typing import Optional, Protocol, runtime_checkable
 
