@@ -342,7 +342,9 @@ def run(args, hold=None) -> dict:
     trainer = GANTrainer(args.variant, engine, lr=args.lr, loss_weights=args.loss_weights,
                          precision=args.precision, xla=args.xla, seed=args.seed)
     flops = gm.training_flops_per_sample(trainer.generator, trainer.discriminator)
-    hosts = engine.allgather_object({"rank": engine.rank, "host": socket.gethostname(), "cpus": cpus,
+    # A launcher may name the node (Slurm's node name when several slurmd share a machine).
+    node = os.environ.get("CLOUDBENCH_NODE_NAME") or socket.gethostname()
+    hosts = engine.allgather_object({"rank": engine.rank, "host": node, "cpus": cpus,
                                      "device": device})
     emit({"event": "start", "variant": args.variant, "ranks": engine.size, "batch_size_per_rank": args.batch_size,
           "steps": args.steps, "warmup": args.warmup, "data": args.data, "precision": args.precision,

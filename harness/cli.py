@@ -65,6 +65,8 @@ def cmd_run(args):
                 raise hplan.PlanError("option", opt, "KEY=VALUE")
             k, v = opt.split("=", 1)
             options[k] = v
+        if args.inventory:
+            options["inventory"] = os.path.abspath(args.inventory)
         plan = hplan.build(fields, provider=args.provider, gpus=args.gpus, sweep=args.sweep,
                            repetitions=args.repetitions, variant=args.variant, batch_size=args.batch_size,
                            steps=args.steps, warmup=args.warmup, data=args.data, engine=args.engine,
@@ -216,7 +218,10 @@ def cmd_gc(args):
     from harness.results import RunStore, is_live
     from providers import base
 
-    provider = base.get(args.provider)
+    options = dict(opt.split("=", 1) for opt in args.option or [] if "=" in opt)
+    if args.inventory:
+        options["inventory"] = os.path.abspath(args.inventory)
+    provider = base.get(args.provider, **options)
     root = Path(args.results)
     live = {d.name for d in root.iterdir() if d.is_dir() and (d / "run.json").exists()
             and is_live(RunStore(d))} if root.is_dir() else set()
@@ -291,6 +296,7 @@ def parser():
     r.add_argument("--epoch-events", help="training events per epoch for time/cost per epoch")
     r.add_argument("--instance-type", help="pick this offering of the provider")
     r.add_argument("--option", action="append", metavar="KEY=VALUE", help="provider option (repeatable)")
+    r.add_argument("--inventory", help="ssh provider: the hosts' inventory YAML (e.g. `cloudbench lab status`)")
     r.add_argument("--results", default=str(RUNS), help="runs directory (default results/runs)")
     r.add_argument("--resume", metavar="RUN_ID", help="finish an interrupted run")
     r.add_argument("--dry-run", action="store_true", help="print fleet, points and cost; buy nothing")
@@ -336,6 +342,8 @@ def parser():
     g.add_argument("--provider", required=True)
     g.add_argument("--results", default=str(RUNS))
     g.add_argument("--dry-run", action="store_true")
+    g.add_argument("--inventory", help="ssh provider: the inventory whose hosts to scan")
+    g.add_argument("--option", action="append", metavar="KEY=VALUE", help="provider option (repeatable)")
     g.add_argument("--json", action="store_true")
     g.set_defaults(fn=cmd_gc)
 
@@ -349,7 +357,7 @@ def parser():
         if action == "up":
             a.add_argument("--hosts", type=int, default=2)
             a.add_argument("--bandwidth", default=None, help="per-host egress limit, e.g. 100mbit (tc tbf)")
-            a.add_argument("--slots", type=int, default=None, help="ranks per host (default: this machine's cores)")
+            a.add_argument("--slots", type=int, default=None, help="ranks per host (default: this machine's cores / hosts, at least 1)")
         a.set_defaults(fn=cmd_lab)
 
     e = sub.add_parser("env", help="show the TensorFlow/Horovod/CPU/GPU environment")

@@ -6,7 +6,8 @@
 
 Host i of lab <name> is namespace ``cbl-<name>-<i>`` with address 10.213.<k>.<10+i>/24 on bridge
 ``cbl-<name>`` (10.213.<k>.1 in the root namespace), an optional egress rate limit (tc tbf on its link),
-and its own sshd (key-only, a lab key pair, host keys listed in the lab's known_hosts). The lab writes an
+its own hostname (``<name>-h<i>``, a UTS namespace), its own cores (CPU affinity; shared round-robin once
+hosts x slots exceeds this machine's cores), and its own sshd (key-only, a lab key pair, host keys listed in the lab's known_hosts). The lab writes an
 inventory YAML for the ssh provider. State lives in /run/cloudbench-lab/<name>/. A failed ``up`` undoes
 what it did; ``down`` removes everything and is safe to repeat. The lab only uses addresses it created.
 """
@@ -91,12 +92,17 @@ def up(hosts=2, bandwidth=None, name="lab", slots=None):
         _run("ip", "link", "set", plan["bridge"], "up")
         _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"cloudbench-lab-{name}", "-f", d / "id_ed25519")
         known = []
-        for h in plan["hosts"]:
+        cores = sorted(os.sched_getaffinity(0))
+        per_host = slots or max(1, len(cores) // hosts)
+        for i, h in enumerate(plan["hosts"]):
+            # Each host gets its own cores while there are enough (a real machine's cores are its own);
+            # beyond that hosts share them round-robin (oversubscribed: fine for function, not for figures).
+            h["slots"] = per_host
+            h["cpus"] = sorted({cores[(i * per_host + j) % len(cores)] for j in range(per_host)})
             state["hosts"].append(h)
             _host_up(d, plan, h, bandwidth)
-            known.append(f"{h['address']} {(d / h['name'] / 'hostkey.pub').read_text().split(' ')[0]} "
-                         f"{(d / h['name'] / 'hostkey.pub').read_text().split(' ')[1]}")
-            h["slots"] = slots or len(os.sched_getaffinity(0))
+            key = (d / h["name"] / "hostkey.pub").read_text().split(" ")
+            known.append(f"{h['address']} {key[0]} {key[1]}")
         (d / "known_hosts").write_text("\n".join(known) + "\n")
         _wait_ssh(state)
         state["inventory"] = str(write_inventory(d, state))
@@ -138,7 +144,14 @@ def _host_up(d, plan, h, bandwidth):
         "Subsystem sftp /usr/lib/openssh/sftp-server", "PermitUserEnvironment no", "MaxStartups 100:30:200",
     ]) + "\n")
     Path("/run/sshd").mkdir(exist_ok=True)  # privilege-separation directory sshd insists on
-    _run(SSHD, "-f", cfg, "-E", hd / "sshd.log", ns=ns)
+    # The host's own hostname (a UTS namespace), /etc/hosts naming every lab host (a private mount
+    # namespace: Gloo resolves its own hostname) and cores (affinity), all inherited by every session.
+    (hd / "hosts").write_text("127.0.0.1 localhost\n" + "".join(
+        f"{x['address']} {x['name']}\n" for x in plan["hosts"]))
+    cpus = ",".join(map(str, h["cpus"]))
+    _run("unshare", "--uts", "--mount", "--propagation", "private", "sh", "-c",
+         f"hostname {h['name']} && mount --bind {hd / 'hosts'} /etc/hosts && "
+         f"exec taskset -c {cpus} {SSHD} -f {cfg} -E {hd / 'sshd.log'}", ns=ns)
     deadline = time.monotonic() + 10
     while not (hd / "sshd.pid").exists():
         if time.monotonic() > deadline:
@@ -169,10 +182,13 @@ def _wait_ssh(state, timeout=20):
 def write_inventory(d, state):
     import yaml
 
-    inv = {"hosts": [{"name": h["name"], "address": h["address"], "port": 22, "user": "root", "slots": h["slots"],
-                      "labels": {"lab": state["name"], "bandwidth": state["bandwidth"] or "unlimited"}}
-                     for h in state["hosts"]],
-           "key": str(d / "id_ed25519"), "known_hosts": str(d / "known_hosts")}
+    inv = {"instance_type": f"lab-{state['name']}", "user": "root", "port": 22,
+           "key": str(d / "id_ed25519"), "known_hosts": str(d / "known_hosts"),
+           "workdir": str(d / "work"), "lease_dir": str(d / "leases"),
+           "hosts": [{"name": h["name"], "address": h["address"], "slots": h["slots"],
+                      "labels": {"lab": state["name"], "bandwidth": state["bandwidth"] or "unlimited",
+                                 "cpus": ",".join(map(str, h["cpus"]))}}
+                     for h in state["hosts"]]}
     path = d / "inventory.yaml"
     path.write_text(yaml.safe_dump(inv, sort_keys=False))
     return path
@@ -232,6 +248,7 @@ def status(name="lab"):
     for h in state["hosts"]:
         alive = h.get("sshd_pid") and Path(f"/proc/{h['sshd_pid']}").exists()
         hosts.append({"name": h["name"], "address": h["address"], "port": 22, "netns": h["netns"],
-                      "slots": h["slots"], "rate": state["bandwidth"] or "unlimited", "sshd": bool(alive)})
+                      "slots": h["slots"], "cpus": h.get("cpus"), "rate": state["bandwidth"] or "unlimited",
+                      "sshd": bool(alive)})
     return {"name": name, "up": True, "subnet": state["subnet"], "bridge": state["bridge"], "hosts": hosts,
             "inventory": state["inventory"], "key": str(d / "id_ed25519"), "known_hosts": str(d / "known_hosts")}

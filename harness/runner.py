@@ -108,7 +108,10 @@ def execute(plan: hplan.RunPlan, store: RunStore, provider, progress=True):
         fleet = provider.provision(spec, on_record=lambda f: store.write_json("fleet.json", f.to_dict()))
         store.write_json("fleet.json", fleet.to_dict())
         provider.deploy(fleet)
-        cpus_per_rank = max(1, fleet.nodes[0].slots // max(plan.sweep)) if fleet.device == "cpu" else None
+        # CPU workers: each rank gets the same core share at every point (the 1-rank baseline included).
+        cpus_per_rank = None
+        if fleet.device == "cpu":
+            cpus_per_rank = dict(fleet.extra).get("cpus_per_rank") or max(1, fleet.nodes[0].slots // max(plan.sweep))
         done = store.done()
         for gpus in plan.sweep:
             for rep in range(1, plan.repetitions + 1):
