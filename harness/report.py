@@ -38,6 +38,14 @@ def load(run_dirs) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def _link(r):
+    """(bandwidth, latency) for the model: Horovod's measured allreduce figures when the run calibrated
+    them at this point, else the provider's raw link."""
+    if not np.isnan(r["allreduce_bandwidth_Bps"]):
+        return r["allreduce_bandwidth_Bps"], r["allreduce_latency_s"]
+    return r["link_bandwidth_Bps"], 0.0 if np.isnan(r["link_latency_s"]) else r["link_latency_s"]
+
+
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (run, provider, instance type, device, GPUs) from the successful repetitions."""
     ok = df[df["status"] == "ok"]
@@ -59,6 +67,8 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         "grad_bytes_g": g["grad_bytes_g"].median(),
         "link_bandwidth_Bps": g["link_bandwidth_Bps"].median(),
         "link_latency_s": g["link_latency_s"].median(),
+        "allreduce_bandwidth_Bps": g["allreduce_bandwidth_Bps"].median(),
+        "allreduce_latency_s": g["allreduce_latency_s"].median(),
     })
     agg = agg.join(failed, how="outer").reset_index()
     agg["failed"] = agg["failed"].fillna(0).astype(int)
@@ -71,8 +81,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     t1 = agg[agg["gpus"] == 1].set_index(KEYS[:-1])["step_time_s"].to_dict()
     agg["predicted_efficiency"] = [
         scaling.predicted_efficiency(t1.get(tuple(r[k] for k in KEYS[:-1]), np.nan), int(r["gpus"]),
-                                     [r["grad_bytes_d"]] * 2 + [r["grad_bytes_g"]] * 2,
-                                     r["link_bandwidth_Bps"], 0.0 if np.isnan(r["link_latency_s"]) else r["link_latency_s"])
+                                     [r["grad_bytes_d"]] * 2 + [r["grad_bytes_g"]] * 2, *_link(r))
         for _, r in agg.iterrows()]
     # Flag points more than 10 % below what the link allows (NaN prediction: no flag).
     agg["below_prediction"] = agg["efficiency"] < 0.9 * agg["predicted_efficiency"]
@@ -113,7 +122,8 @@ def markdown(agg, title="cloudbench report"):
     ev = agg["epoch_events"].dropna().unique()
     lines += ["", f"Runs: {runs}.", f"Epoch = {', '.join(f'{int(e):,}' for e in ev)} training events; "
               "efficiency E(N) = thr(N) / (N thr(1)); predicted = t(1) / (t(1) + ring allreduce time of the step's "
-              "gradients over the fleet's measured link); BELOW MODEL = more than 10 % below the prediction; "
+              "gradients with the allreduce latency and bandwidth measured on the fleet by gan.commbench, or the raw "
+              "link when not calibrated); BELOW MODEL = more than 10 % below the prediction; "
               "spread = (max - min) / median over repetitions; "
               "cost from the price recorded at launch (unknown when the provider has no price)."]
     return "\n".join(lines) + "\n"

@@ -28,9 +28,11 @@ COLUMNS = ["run_id", "provider", "instance_type", "gpu_model", "device", "nodes"
            "samples_per_s", "samples_per_s_per_rank", "step_time_mean_s", "step_time_std_s", "steps", "warmup",
            "batch_size_per_rank", "variant", "precision", "engine", "price_per_hour", "currency", "hosts",
            "flops_per_sample", "tf_version", "horovod_version", "started_at", "seconds", "error", "log_path",
-           "metrics_path", "grad_bytes_d", "grad_bytes_g", "link_bandwidth_Bps", "link_latency_s"]
+           "metrics_path", "grad_bytes_d", "grad_bytes_g", "link_bandwidth_Bps", "link_latency_s",
+           "allreduce_bandwidth_Bps", "allreduce_latency_s"]
 NUMERIC = ["samples_per_s", "samples_per_s_per_rank", "step_time_mean_s", "step_time_std_s", "price_per_hour",
-           "flops_per_sample", "seconds", "grad_bytes_d", "grad_bytes_g", "link_bandwidth_Bps", "link_latency_s"]
+           "flops_per_sample", "seconds", "grad_bytes_d", "grad_bytes_g", "link_bandwidth_Bps", "link_latency_s",
+           "allreduce_bandwidth_Bps", "allreduce_latency_s"]
 
 
 def new_run_id(provider):

@@ -112,12 +112,13 @@ def execute(plan: hplan.RunPlan, store: RunStore, provider, progress=True):
         cpus_per_rank = None
         if fleet.device == "cpu":
             cpus_per_rank = dict(fleet.extra).get("cpus_per_rank") or max(1, fleet.nodes[0].slots // max(plan.sweep))
+        calib = calibrate(plan, store, provider, fleet, cpus_per_rank)
         done = store.done()
         for gpus in plan.sweep:
             for rep in range(1, plan.repetitions + 1):
                 if (gpus, rep) in done:
                     continue
-                run_point(plan, store, provider, fleet, gpus, rep, cpus_per_rank, progress)
+                run_point(plan, store, provider, fleet, gpus, rep, cpus_per_rank, progress, calib.get(str(gpus)))
         store.update_state(state="finished", finished_at=dt.datetime.now(dt.timezone.utc).isoformat())
         return store.samples()
     except Interrupted:
@@ -134,7 +135,29 @@ def execute(plan: hplan.RunPlan, store: RunStore, provider, progress=True):
                 signal.signal(s, h)
 
 
-def run_point(plan, store, provider, fleet, gpus, rep, cpus_per_rank, progress):
+def calibrate(plan, store, provider, fleet, cpus_per_rank):
+    """Horovod allreduce latency and bandwidth at every multi-rank point, measured once per run on the fleet
+    (gan.commbench with the model's gradient tensors) for the scaling model. Kept in commbench.json; a
+    failure only costs the prediction (the report then falls back to the provider's raw link figures)."""
+    found = store.read_json("commbench.json", {}) or {}
+    for n in (p for p in plan.sweep if p > 1 and str(p) not in found):
+        out = store.dir / "logs" / f"commbench-{n}.json"
+        job = base.Job(run_id=store.run_id, ranks=n, trainer_args=("--variant", plan.variant), module="gan.commbench",
+                       metrics_path=str(out), log_path=str(out.with_suffix(".log")), timeout_s=600,
+                       cpus_per_rank=cpus_per_rank)
+        try:
+            res = provider.launch(fleet, job)
+            if res.returncode != 0:
+                raise PointFailed(f"exit code {res.returncode}")
+            found[str(n)] = json.loads(out.read_text().splitlines()[-1])
+            store.write_json("commbench.json", found)
+        except (PointFailed, OSError, ValueError, IndexError) as e:
+            log.warning("allreduce calibration at %d ranks failed (%s); predictions use the raw link (log: %s)",
+                        n, e, job.log_path)
+    return found
+
+
+def run_point(plan, store, provider, fleet, gpus, rep, cpus_per_rank, progress, calib=None):
     log_path, metrics_path = store.log_paths(gpus, rep)
     if os.path.exists(metrics_path):  # a resumed point starts from a clean metrics file
         os.remove(metrics_path)
@@ -150,7 +173,9 @@ def run_point(plan, store, provider, fleet, gpus, rep, cpus_per_rank, progress):
            "metrics_path": os.path.relpath(metrics_path, store.dir),
            "started_at": dt.datetime.now(dt.timezone.utc).isoformat(),
            "link_bandwidth_Bps": dict(fleet.extra).get("link_bandwidth_Bps"),
-           "link_latency_s": dict(fleet.extra).get("link_latency_s")}
+           "link_latency_s": dict(fleet.extra).get("link_latency_s"),
+           "allreduce_bandwidth_Bps": (calib or {}).get("bandwidth_Bps"),
+           "allreduce_latency_s": (calib or {}).get("latency_s")}
     bar = _bar(progress, f"{gpus} {'GPU' if fleet.device == 'gpu' else 'rank'}{'s' if gpus > 1 else ''} "
                          f"rep {rep}/{plan.repetitions}", plan.warmup + plan.steps)
     try:

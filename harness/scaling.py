@@ -3,7 +3,9 @@
 Per-step time with n ranks (per-rank batch fixed) = compute + sum over the step's allreduces of the ring
 cost 2(n-1)/n x bytes / bandwidth + 2(n-1) x latency. Compute is the measured 1-rank step time; the
 allreduces are the trainer's four gradient averages per batch (D twice, G twice; sizes from the trainer's
-summary); bandwidth and latency are the fleet's link (measured by the provider, or configured).
+summary). Bandwidth and latency are fitted per run and rank count from Horovod allreduces on the fleet
+itself (gan.commbench: single tensors and the model's D and G gradient lists), so latency includes
+Horovod's negotiation; without that calibration, the provider's raw TCP link figures are used.
 Predicted efficiency E(n) = t(1) / t(n).
 """
 from __future__ import annotations

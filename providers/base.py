@@ -106,6 +106,7 @@ class Job:
     log_path: str
     timeout_s: float
     cpus_per_rank: Optional[int] = None
+    module: str = "gan.train"  # the program: the trainer, or gan.commbench (same flags for output and cores)
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ class LocalProvider:
             raise ProviderError("engine mpi needs mpirun and Horovod built with MPI; use engine gloo")
 
     def command(self, fleet: Fleet, job: Job):
-        trainer = [sys.executable, "-m", "gan.train", *job.trainer_args, "--metrics-out", job.metrics_path]
+        trainer = [sys.executable, "-m", job.module, *job.trainer_args, "--metrics-out", job.metrics_path]
         if job.cpus_per_rank and fleet.device == "cpu":
             trainer += ["--cpus-per-rank", str(job.cpus_per_rank)]
         if fleet.engine == "mpi":

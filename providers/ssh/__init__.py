@@ -478,7 +478,7 @@ class SSHProvider:
         place = self.placement(fleet, job.ranks)
         head = self.inv.host(place[0][0].name)
         remote_metrics = f"{d['rdir']}/{os.path.basename(job.metrics_path)}"
-        trainer = [d["python"], "-m", "gan.train", *job.trainer_args, "--metrics-out", remote_metrics]
+        trainer = [d["python"], "-m", job.module, *job.trainer_args, "--metrics-out", remote_metrics]
         if job.cpus_per_rank and fleet.device == "cpu":
             trainer += ["--cpus-per-rank", str(job.cpus_per_rank)]
         hvd = [d["python"], "-m", "horovod.runner.launch", "-np", str(job.ranks), "--gloo", "--start-timeout", "120",
