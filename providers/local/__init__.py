@@ -158,7 +158,7 @@ class LocalProvider:
 
 def count_steps(path):
     try:
-        with open(path) as f:
+        with open(path, errors="replace") as f:
             return sum(1 for line in f if '"event": "step"' in line)
     except OSError:
         return 0

@@ -49,7 +49,7 @@ from typing import Optional
 
 from harness.errors import PlanError, PointFailed, ProviderError
 from providers.base import TAG, Capabilities, Fleet, FleetSpec, Job, JobResult, Node, Offering, Resource
-from providers.local import ENV_OWNER, ENV_TAG, alive, kill_group
+from providers.local import ENV_OWNER, ENV_TAG, alive, count_steps, kill_group
 
 log = logging.getLogger("cloudbench")
 ROOT = Path(__file__).resolve().parents[2]  # the checkout this harness runs from
@@ -508,7 +508,7 @@ class SSHProvider:
                             raise PointFailed(f"timed out after {job.timeout_s:.0f} s on hosts "
                                               f"{', '.join(n.name for n, _ in place)}", job.log_path)
                         if on_progress:
-                            on_progress(_count_steps(job.log_path))
+                            on_progress(count_steps(job.log_path))
                         time.sleep(1.0)
                 finally:
                     if proc.poll() is None:
@@ -522,7 +522,7 @@ class SSHProvider:
             if failed:  # ranks whose ssh session died can outlive horovodrun: stop them on every host
                 self._stop_run([self.inv.host(n.name) for n, _ in place], job.run_id, quiet=True)
         if on_progress:
-            on_progress(_count_steps(job.log_path))
+            on_progress(count_steps(job.log_path))
         return JobResult(returncode=rc, metrics_path=job.metrics_path, log_path=job.log_path,
                          seconds=time.monotonic() - t0, hosts=tuple(n.name for n, _ in place))
 
@@ -671,14 +671,6 @@ class SSHProvider:
                 found.append(Resource(kind="process", id=pid, run_id=tags[ENV_TAG], detail=f"{TAG} on {h.name}",
                                       owner_alive=owner_alive(tags.get(ENV_OWNER, ""))))
         return found
-
-
-def _count_steps(path):
-    try:
-        with open(path, errors="replace") as f:
-            return sum(1 for line in f if '"event": "step"' in line)
-    except OSError:
-        return 0
 
 
 def _tarball(files, mode=0o644):
