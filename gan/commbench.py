@@ -8,7 +8,9 @@ seconds per size and an alpha-beta fit of the ring model t = 2(n-1) alpha + 2(n-
 the report uses to predict scaling efficiency. Latency alpha therefore includes Horovod's negotiation and
 cycle time, not only the wire. With ``--variant`` it also times the exact tensor lists of the model's D
 and G updates (``d_seconds``, ``g_seconds``) and includes them in the fit, so the fit answers for the
-messages training sends.
+messages training sends, and measures ``compute_step_s``: the trainer's own step without communication
+while every rank computes at once (ranks sharing a machine's caches, memory bandwidth or clocks are
+slower than one rank alone), which the model uses as the compute part of an n-rank step.
 """
 from __future__ import annotations
 
@@ -31,6 +33,29 @@ def fit(sizes, seconds, n):
     return max(intercept, 0.0) / (2 * (n - 1)), bw
 
 
+def busy_step(tf, hvd, variant, batch, precision="fp32"):
+    """Seconds of the trainer's own step (GANTrainer, no communication) while every rank computes at once:
+    what a step costs before any allreduce when ranks share a machine's cores, caches, memory bandwidth
+    or clocks. The slowest rank's mean over a few steps after tracing."""
+    from gan.data import synthetic_dataset
+    from gan.dist import Single
+    from gan.train import GANTrainer
+
+    trainer = GANTrainer(variant, Single(), precision=precision, seed=hvd.rank() + 1)
+    batches = iter(synthetic_dataset(variant, batch, rank=hvd.rank(), pool_events=2 * batch))
+
+    def run(k):
+        t0 = time.perf_counter()
+        for _ in range(k):
+            {name: float(v) for name, v in trainer.step(next(batches)).items()}
+        return (time.perf_counter() - t0) / k
+
+    run(1)  # trace
+    k = max(2, min(10, int(3.0 / max(run(1), 1e-3))))
+    hvd.allreduce(tf.constant(0.0), name="cb_barrier").numpy()  # start together
+    return {"compute_step_s": max(hvd.allgather_object(run(k))), "compute_steps": k}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m gan.commbench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="4096,262144,1048576,4194304", help="message sizes in bytes")
@@ -38,15 +63,18 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--variant", default=None, help="also time the gradient lists of this model's D and G updates")
     ap.add_argument("--metrics-out", help="also write the JSON line here (rank 0)")
-    ap.add_argument("--cpus-per-rank", type=int, default=1, help="intra-op threads per rank (default 1)")
+    ap.add_argument("--cpus-per-rank", type=int, default=None, help="cores per rank, as the trainer pins them")
+    ap.add_argument("--batch-size", type=int, default=8, help="per-rank batch of the busy-step probe")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
     import horovod.tensorflow as hvd
 
-    tf.config.threading.set_intra_op_parallelism_threads(args.cpus_per_rank)
+    from gan.train import place
+
     hvd.init()
+    place(hvd.local_rank(), hvd.local_size(), cpus_per_rank=args.cpus_per_rank)  # the trainer's pinning
     n = hvd.size()
     result = {"event": "commbench", "ranks": n, "sizes": sizes, "seconds": []}
 
@@ -74,6 +102,8 @@ def main(argv=None):
             result[f"{name}_tensors"] = len(ts)
             result[f"{name}_bytes"] = int(sum(v.shape.num_elements() * 4 for v in m.trainable_variables))
             result[f"{name}_seconds"] = timed(ts)
+        if n > 1:
+            result.update(busy_step(tf, hvd, args.variant, args.batch_size))
     if n > 1:
         xs = sizes + [result[k] for k in ("d_bytes", "g_bytes") if k in result]
         ys = result["seconds"] + [result[k] for k in ("d_seconds", "g_seconds") if k in result]

@@ -258,7 +258,8 @@ def cmd_lab(args):
         print(f"lab {out['name']} is down")
     else:
         for h in out["hosts"]:
-            print(f"{h['name']:10s} {h['address']}:{h['port']}  netns {h['netns']}  slots {h['slots']}  "
+            cpus = ",".join(map(str, h.get("cpus") or [])) or "?"
+            print(f"{h['name']:10s} {h['address']}:{h['port']}  netns {h['netns']}  slots {h['slots']}  cpus {cpus}  "
                   f"rate {h['rate']}  sshd {'up' if h['sshd'] else 'DOWN'}")
         print(f"inventory  {out['inventory']}")
     return 0

@@ -69,6 +69,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         "link_latency_s": g["link_latency_s"].median(),
         "allreduce_bandwidth_Bps": g["allreduce_bandwidth_Bps"].median(),
         "allreduce_latency_s": g["allreduce_latency_s"].median(),
+        "compute_step_s": g["compute_step_s"].median(),
     })
     agg = agg.join(failed, how="outer").reset_index()
     agg["failed"] = agg["failed"].fillna(0).astype(int)
@@ -81,7 +82,8 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     t1 = agg[agg["gpus"] == 1].set_index(KEYS[:-1])["step_time_s"].to_dict()
     agg["predicted_efficiency"] = [
         scaling.predicted_efficiency(t1.get(tuple(r[k] for k in KEYS[:-1]), np.nan), int(r["gpus"]),
-                                     [r["grad_bytes_d"]] * 2 + [r["grad_bytes_g"]] * 2, *_link(r))
+                                     [r["grad_bytes_d"]] * 2 + [r["grad_bytes_g"]] * 2, *_link(r),
+                                     compute_s=r["compute_step_s"])
         for _, r in agg.iterrows()]
     # Flag points more than 10 % below what the link allows (NaN prediction: no flag).
     agg["below_prediction"] = agg["efficiency"] < 0.9 * agg["predicted_efficiency"]
@@ -121,8 +123,9 @@ def markdown(agg, title="cloudbench report"):
     runs = ", ".join(sorted(agg["run_id"].unique()))
     ev = agg["epoch_events"].dropna().unique()
     lines += ["", f"Runs: {runs}.", f"Epoch = {', '.join(f'{int(e):,}' for e in ev)} training events; "
-              "efficiency E(N) = thr(N) / (N thr(1)); predicted = t(1) / (t(1) + ring allreduce time of the step's "
-              "gradients with the allreduce latency and bandwidth measured on the fleet by gan.commbench, or the raw "
+              "efficiency E(N) = thr(N) / (N thr(1)); predicted = t(1) / (compute + ring allreduce time of the "
+              "step's gradients), with compute the step without communication while all ranks compute at once and "
+              "the allreduce latency and bandwidth, both measured on the fleet by gan.commbench (t(1) and the raw "
               "link when not calibrated); BELOW MODEL = more than 10 % below the prediction; "
               "spread = (max - min) / median over repetitions; "
               "cost from the price recorded at launch (unknown when the provider has no price)."]

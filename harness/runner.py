@@ -102,6 +102,10 @@ def execute(plan: hplan.RunPlan, store: RunStore, provider, progress=True):
     store.update_state(state="running", pid=os.getpid(), resumed=bool(store.done()) or None)
     try:
         provider.check()
+        engines = provider.capabilities.engines
+        if plan.engine not in engines:
+            raise hplan.PlanError("engine", plan.engine,
+                                  f"one that the {plan.provider} provider supports: {', '.join(engines)}")
         spec = base.FleetSpec(run_id=store.run_id, provider=plan.provider, slots=max(plan.sweep),
                               variant=plan.variant, instance_type=plan.instance_type, engine=plan.engine,
                               options=plan.provider_options)
@@ -142,8 +146,10 @@ def calibrate(plan, store, provider, fleet, cpus_per_rank):
     found = store.read_json("commbench.json", {}) or {}
     for n in (p for p in plan.sweep if p > 1 and str(p) not in found):
         out = store.dir / "logs" / f"commbench-{n}.json"
-        job = base.Job(run_id=store.run_id, ranks=n, trainer_args=("--variant", plan.variant), module="gan.commbench",
-                       metrics_path=str(out), log_path=str(out.with_suffix(".log")), timeout_s=600,
+        job = base.Job(run_id=store.run_id, ranks=n, trainer_args=("--variant", plan.variant, "--batch-size", str(plan.batch_size)),
+                       module="gan.commbench",
+                       metrics_path=str(out), log_path=str(out.with_suffix(".log")),
+                       timeout_s=min(600.0, plan.point_timeout_s),
                        cpus_per_rank=cpus_per_rank)
         try:
             res = provider.launch(fleet, job)
@@ -175,7 +181,8 @@ def run_point(plan, store, provider, fleet, gpus, rep, cpus_per_rank, progress, 
            "link_bandwidth_Bps": dict(fleet.extra).get("link_bandwidth_Bps"),
            "link_latency_s": dict(fleet.extra).get("link_latency_s"),
            "allreduce_bandwidth_Bps": (calib or {}).get("bandwidth_Bps"),
-           "allreduce_latency_s": (calib or {}).get("latency_s")}
+           "allreduce_latency_s": (calib or {}).get("latency_s"),
+           "compute_step_s": (calib or {}).get("compute_step_s")}
     bar = _bar(progress, f"{gpus} {'GPU' if fleet.device == 'gpu' else 'rank'}{'s' if gpus > 1 else ''} "
                          f"rep {rep}/{plan.repetitions}", plan.warmup + plan.steps)
     try:

@@ -27,7 +27,11 @@ command -v cmake >/dev/null || need_apt+=(cmake)
 command -v g++ >/dev/null || need_apt+=(g++)
 command -v ssh >/dev/null || need_apt+=(openssh-client)
 # The tests' lab hosts run their own sshd (network namespaces; root only).
-case ",$extras," in *,test,*) [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server) ;; esac
+# The tests' Slurm cluster is slurmctld + slurmd (+ munge) from Debian's slurm-wlm.
+case ",$extras," in *,test,*)
+  [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
+  [ -x /usr/sbin/slurmctld ] || need_apt+=(slurm-wlm) ;;
+esac
 command -v ip >/dev/null || need_apt+=(iproute2)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

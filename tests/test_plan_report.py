@@ -205,3 +205,26 @@ def test_report_predicts_and_flags_points_below_the_model(tmp_path):
     assert not agg.loc[2, "below_prediction"]  # 0.95 measured
     assert agg.loc[4, "below_prediction"]  # 0.50 measured
     assert "BELOW MODEL" in report.markdown(agg.reset_index())
+
+
+def test_calibrated_allreduce_and_busy_compute_win_over_the_raw_link(tmp_path):
+    from gan.commbench import fit
+    from harness import scaling
+
+    # the alpha-beta fit recovers latency and bandwidth of the ring model from timings
+    sizes = [4096, 262144, 1048576, 4194304]
+    for n in (2, 4):
+        times = [scaling.ring_allreduce_s(n, s, 5e8, latency_s=1e-3) for s in sizes]
+        lat, bw = fit(sizes, times, n)
+        assert lat == pytest.approx(1e-3) and bw == pytest.approx(5e8)
+    assert scaling.predicted_efficiency(1.0, 2, [0.25e9] * 4, 1e9, compute_s=1.25) == pytest.approx(1 / 2.25)
+    store = make_run(tmp_path, "c", {1: [100.0, 100.0], 2: [150.0, 150.0]})
+    df = store.samples()
+    df["grad_bytes_d"], df["grad_bytes_g"] = 1e6, 4e6
+    df["link_bandwidth_Bps"], df["link_latency_s"] = 1e12, 0.0  # the raw link would predict ~1.0
+    df.loc[df["gpus"] == 2, ["allreduce_bandwidth_Bps", "allreduce_latency_s", "compute_step_s"]] = [1e8, 1e-3, 1.1]
+    df.to_parquet(store.samples_path, index=False)
+    agg = report.aggregate(report.load([store.dir])).set_index("gpus")
+    # 1 s step; 10 MB / 100 MB/s = 0.1 s + 4 allreduces x 2 hops x 1 ms = 0.008 s; compute 1.1 s
+    assert agg.loc[2, "predicted_efficiency"] == pytest.approx(1 / 1.208)
+    assert not agg.loc[2, "below_prediction"]  # 0.75 measured vs 0.83 predicted: within 10 %

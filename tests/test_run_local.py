@@ -44,6 +44,11 @@ def test_run_sweep_json_results_and_report(tmp_path):
     assert set(df["device"]) == {"cpu"} and df["price_per_hour"].isna().all()
     assert all((d / lp).is_file() for lp in df["log_path"])
     assert (df["link_bandwidth_Bps"] > 1e7).all()  # measured loopback link
+    calib = json.loads((d / "commbench.json").read_text())["2"]  # Horovod allreduce calibration at 2 ranks
+    assert calib["ranks"] == 2 and calib["bandwidth_Bps"] > 1e6 and 0 < calib["latency_s"] < 0.1
+    assert 0 < calib["compute_step_s"] < 10 and calib["g_bytes"] == 4 * (324_960 - 24)
+    two = df[df["gpus"] == 2]
+    assert (two["allreduce_bandwidth_Bps"] == calib["bandwidth_Bps"]).all() and two["compute_step_s"].notna().all()
     # fp32 gradients of the trainable weights (parameters less BN moving statistics) of small G and D
     assert (df["grad_bytes_g"] == 4 * (324_960 - 24)).all() and (df["grad_bytes_d"] == 4 * (11_758 - 8)).all()
     assert len(out["points"]) == 6

@@ -527,7 +527,8 @@ class SSHProvider:
                          seconds=time.monotonic() - t0, hosts=tuple(n.name for n, _ in place))
 
     def _why(self, rc, head, place, log_path):
-        text = Path(log_path).read_text(errors="replace")[-20000:]
+        lines = Path(log_path).read_text(errors="replace").splitlines()
+        text = "\n".join(x for x in lines[-400:] if not x.startswith("$ "))  # not our own command line
         if rc == 255 and "horovod" not in text.lower():
             return f"lost the ssh connection to head host {head.where}"
         m = re.findall(r"Process name: (\d+)\s*\nExit code: (-?\d+)", text) or \
