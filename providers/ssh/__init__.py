@@ -639,13 +639,13 @@ class SSHProvider:
                 return True  # held by a harness on another machine: not ours to judge
             return alive(int(pid))
 
-        script = (f"cat {{lease}} 2>/dev/null; echo '---'; for d in /proc/[0-9]*; do "
+        script = ("cat LEASE 2>/dev/null; echo '---'; for d in /proc/[0-9]*; do "
                   f"e=$(tr '\\0' '\\n' < $d/environ 2>/dev/null | grep -E '^({ENV_TAG}|{ENV_OWNER})=' | tr '\\n' ' ');"
                   " [ -n \"$e\" ] && echo \"${d#/proc/} $e\"; done; true")
 
         def scan(h):
             try:
-                return h, self.remote(h, script.format(lease=shlex.quote(self._lease_path(h))), timeout=60).stdout
+                return h, self.remote(h, script.replace("LEASE", shlex.quote(self._lease_path(h)), 1), timeout=60).stdout
             except ProviderError as e:
                 log.warning("%s", e)
                 return h, None
