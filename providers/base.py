@@ -7,6 +7,7 @@ tag. Providers are found through the ``cloudbench.providers`` entry-point group;
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Optional, Protocol, runtime_checkable
@@ -142,6 +143,33 @@ class Provider(Protocol):
     def launch(self, fleet: Fleet, job: Job, on_progress=None) -> JobResult: ...
     def teardown(self, run_id: str, fleet: Optional[Fleet] = None) -> list: ...
     def list_tagged(self) -> list: ...
+
+
+def count_steps(path):
+    """Training steps the trainer has reported so far in ``path`` (its JSON lines, or a log holding them)."""
+    try:
+        with open(path, errors="replace") as f:
+            return sum(1 for line in f if '"event": "step"' in line)
+    except OSError:
+        return 0
+
+
+def watch(finished, job: Job, progress_path, on_progress=None, interval=1.0, timeout_message=None):
+    """Poll ``finished()`` until it is true, reporting the steps counted in ``progress_path``; raise
+    PointFailed with ``timeout_message()`` once the job's timeout has passed. Returns the seconds waited."""
+    from harness.errors import PointFailed
+
+    t0 = time.monotonic()
+    while not finished():
+        if time.monotonic() - t0 > job.timeout_s:
+            why = timeout_message() if timeout_message else f"timed out after {job.timeout_s:.0f} s"
+            raise PointFailed(why, job.log_path)
+        if on_progress:
+            on_progress(count_steps(progress_path))
+        time.sleep(interval)
+    if on_progress:
+        on_progress(count_steps(progress_path))
+    return time.monotonic() - t0
 
 
 GROUP = "cloudbench.providers"

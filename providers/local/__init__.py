@@ -14,8 +14,9 @@ import subprocess
 import sys
 import time
 
-from harness.errors import PointFailed, ProviderError
-from providers.base import TAG, Capabilities, Fleet, FleetSpec, Job, JobResult, Node, Offering, Resource
+from harness.errors import ProviderError
+from providers.base import (TAG, Capabilities, Fleet, FleetSpec, Job, JobResult, Node, Offering, Resource,
+                            watch)
 
 ENV_TAG = "CLOUDBENCH_RUN"
 ENV_OWNER = "CLOUDBENCH_OWNER"  # pid of the harness that launched the process
@@ -109,18 +110,11 @@ class LocalProvider:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=env, start_new_session=True)
             try:
-                while proc.poll() is None:
-                    if time.monotonic() - t0 > job.timeout_s:
-                        raise PointFailed(f"timed out after {job.timeout_s:.0f} s", job.log_path)
-                    if on_progress:
-                        on_progress(count_steps(job.metrics_path))
-                    time.sleep(0.5)
+                watch(lambda: proc.poll() is not None, job, job.metrics_path, on_progress, interval=0.5)
             finally:
                 if proc.poll() is None:
                     kill_group(proc)
                     self.teardown(job.run_id)
-        if on_progress:
-            on_progress(count_steps(job.metrics_path))
         return JobResult(returncode=proc.returncode, metrics_path=job.metrics_path, log_path=job.log_path,
                          seconds=time.monotonic() - t0, hosts=(fleet.nodes[0].name,))
 
@@ -154,14 +148,6 @@ class LocalProvider:
             found.append(Resource(kind="process", id=pid, run_id=run_id.decode(), detail=f"{TAG} {cmdline[:120]}",
                                   owner_alive=alive(int(owner)) if owner.isdigit() else None))
         return found
-
-
-def count_steps(path):
-    try:
-        with open(path, errors="replace") as f:
-            return sum(1 for line in f if '"event": "step"' in line)
-    except OSError:
-        return 0
 
 
 def kill_group(proc, grace_s=5.0):

@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 from harness.errors import PlanError, PointFailed, ProviderError
-from providers.base import Capabilities, Fleet, FleetSpec, Job, JobResult, Node, Offering, Resource
-from providers.local import ENV_TAG, alive, count_steps
+from providers.base import Capabilities, Fleet, FleetSpec, Job, JobResult, Node, Offering, Resource, watch
+from providers.local import ENV_TAG, alive
 
 log = logging.getLogger("cloudbench")
 ROOT = Path(__file__).resolve().parents[2]
@@ -185,24 +185,22 @@ class SlurmProvider:
             f.write(self.script(fleet, job))
         t0 = time.monotonic()
         job_id = self.cmd("sbatch", "--parsable", path).stdout.strip().split(";")[0]
-        state, reason = "PENDING", ""
+        status = {"state": "PENDING", "reason": ""}
+
+        def finished():
+            status["state"], status["reason"] = self._state(job_id)
+            return status["state"] in DONE
+
+        def pending():
+            why = f" (pending: {status['reason']})" if status["state"] == "PENDING" else ""
+            return f"Slurm job {job_id} timed out after {job.timeout_s:.0f} s in state {status['state']}{why}"
+
         try:
-            while True:
-                state, reason = self._state(job_id)
-                if state in DONE:
-                    break
-                if time.monotonic() - t0 > job.timeout_s:
-                    why = f" (pending: {reason})" if state == "PENDING" else ""
-                    raise PointFailed(f"Slurm job {job_id} timed out after {job.timeout_s:.0f} s in state "
-                                      f"{state}{why}", job.log_path)
-                if on_progress:
-                    on_progress(count_steps(job.log_path))
-                time.sleep(1.0)
+            watch(finished, job, job.log_path, on_progress, timeout_message=pending)
         finally:
-            if state not in DONE:
+            if status["state"] not in DONE:
                 self.cmd("scancel", job_id, check=False)
-        if on_progress:
-            on_progress(count_steps(job.log_path))
+        state = status["state"]
         code = self._exit_code(job_id)
         if state != "COMPLETED" or code != 0:
             raise PointFailed(f"Slurm job {job_id} ended {state} (exit {code}){self._failed_rank(job.log_path)}",

@@ -48,8 +48,8 @@ from pathlib import Path
 from typing import Optional
 
 from harness.errors import PlanError, PointFailed, ProviderError
-from providers.base import TAG, Capabilities, Fleet, FleetSpec, Job, JobResult, Node, Offering, Resource
-from providers.local import ENV_OWNER, ENV_TAG, alive, count_steps, kill_group
+from providers.base import TAG, Capabilities, Fleet, FleetSpec, Job, JobResult, Node, Offering, Resource, watch
+from providers.local import ENV_OWNER, ENV_TAG, alive, kill_group
 
 log = logging.getLogger("cloudbench")
 ROOT = Path(__file__).resolve().parents[2]  # the checkout this harness runs from
@@ -503,13 +503,9 @@ class SSHProvider:
                 proc = subprocess.Popen(self.ssh(head, "-A") + [script], stdout=logf, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, env=agent_env, start_new_session=True)
                 try:
-                    while proc.poll() is None:
-                        if time.monotonic() - t0 > job.timeout_s:
-                            raise PointFailed(f"timed out after {job.timeout_s:.0f} s on hosts "
-                                              f"{', '.join(n.name for n, _ in place)}", job.log_path)
-                        if on_progress:
-                            on_progress(count_steps(job.log_path))
-                        time.sleep(1.0)
+                    watch(lambda: proc.poll() is not None, job, job.log_path, on_progress,
+                          timeout_message=lambda: f"timed out after {job.timeout_s:.0f} s on hosts "
+                                                  f"{', '.join(n.name for n, _ in place)}")
                 finally:
                     if proc.poll() is None:
                         kill_group(proc)
@@ -521,8 +517,6 @@ class SSHProvider:
         finally:
             if failed:  # ranks whose ssh session died can outlive horovodrun: stop them on every host
                 self._stop_run([self.inv.host(n.name) for n, _ in place], job.run_id, quiet=True)
-        if on_progress:
-            on_progress(count_steps(job.log_path))
         return JobResult(returncode=rc, metrics_path=job.metrics_path, log_path=job.log_path,
                          seconds=time.monotonic() - t0, hosts=tuple(n.name for n, _ in place))
 
