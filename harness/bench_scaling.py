@@ -33,7 +33,8 @@ def one(rate, args, results):
     try:
         st = lab.up(hosts=2, bandwidth=None if rate == "unlimited" else rate, name=name, slots=1)
         p = cloudbench("run", "--provider", "ssh", "--inventory", st["inventory"], "--sweep", "1,2", "--gpus", 2,
-                       "--variant", args.variant, "--batch-size", args.batch_size, "--steps", args.steps, "--warmup", args.warmup,
+                       "--variant", args.variant, "--batch-size", args.batch_size, "--steps", args.steps,
+                       "--warmup", args.warmup,
                        "--repetitions", args.repetitions, "--results", results, "--json", "--no-progress")
         if p.returncode != 0:
             raise SystemExit(f"run on {rate} failed:\n{p.stderr[-3000:]}")
@@ -76,7 +77,8 @@ def main(argv=None):
     for r in rows:
         lines.append(f"{r['rate']:>10} {r['tcp_link_Bps'] / 1e6:9.1f} {r['allreduce_bandwidth_Bps'] / 1e6:14.1f} "
                      f"{r['allreduce_latency_s'] * 1e3:10.2f} {r['samples_per_s_1']:7.2f} {r['samples_per_s_2']:7.2f} "
-                     f"{r['compute_step_2_s'] / r['step_time_1_s']:7.2f} {r['efficiency']:10.2f} {r['predicted_efficiency']:11.2f} {r['ratio']:6.2f}")
+                     f"{r['compute_step_2_s'] / r['step_time_1_s']:7.2f} {r['efficiency']:10.2f} "
+                     f"{r['predicted_efficiency']:11.2f} {r['ratio']:6.2f}")
     text = "\n".join(lines)
     print(text)
     out = Path(args.out)

@@ -6,10 +6,12 @@
 
 Host i of lab <name> is namespace ``cbl-<name>-<i>`` with address 10.213.<k>.<10+i>/24 on bridge
 ``cbl-<name>`` (10.213.<k>.1 in the root namespace), an optional egress rate limit (tc tbf on its link),
-its own hostname (``<name>-h<i>``, a UTS namespace), its own cores (CPU affinity; shared round-robin once
-hosts x slots exceeds this machine's cores), and its own sshd (key-only, a lab key pair, host keys listed in the lab's known_hosts). The lab writes an
-inventory YAML for the ssh provider. State lives in /run/cloudbench-lab/<name>/. A failed ``up`` undoes
-what it did; ``down`` removes everything and is safe to repeat. The lab only uses addresses it created.
+its own hostname (``<name>-h<i>``, a UTS namespace) and /etc/hosts (a private mount namespace), its own
+cores (CPU affinity; shared round-robin once hosts x slots exceeds this machine's cores), and its own
+sshd (key-only, a lab key pair, host keys listed in the lab's known_hosts). The lab writes an inventory
+YAML for the ssh provider (with its leases and scratch inside the lab's state directory). State lives in
+/run/cloudbench-lab/<name>/. A failed ``up`` undoes what it did; ``down`` removes everything (leases
+included) and is safe to repeat. The lab only uses addresses it created.
 """
 from __future__ import annotations
 

@@ -116,7 +116,7 @@ def execute(plan: hplan.RunPlan, store: RunStore, provider, progress=True):
         cpus_per_rank = None
         if fleet.device == "cpu":
             cpus_per_rank = dict(fleet.extra).get("cpus_per_rank") or max(1, fleet.nodes[0].slots // max(plan.sweep))
-        calib = calibrate(plan, store, provider, fleet, cpus_per_rank)
+        calib = calibrate(plan, store, provider, fleet, cpus_per_rank, progress)
         done = store.done()
         for gpus in plan.sweep:
             for rep in range(1, plan.repetitions + 1):
@@ -139,18 +139,20 @@ def execute(plan: hplan.RunPlan, store: RunStore, provider, progress=True):
                 signal.signal(s, h)
 
 
-def calibrate(plan, store, provider, fleet, cpus_per_rank):
-    """Horovod allreduce latency and bandwidth at every multi-rank point, measured once per run on the fleet
-    (gan.commbench with the model's gradient tensors) for the scaling model. Kept in commbench.json; a
-    failure only costs the prediction (the report then falls back to the provider's raw link figures)."""
+def calibrate(plan, store, provider, fleet, cpus_per_rank, progress=True):
+    """For the scaling model, once per run and multi-rank point, on the fleet itself (gan.commbench): Horovod
+    allreduce latency and bandwidth (single tensors and the model's gradient lists) and the trainer's step
+    without communication with every rank busy. Kept in commbench.json; a failure only costs the
+    prediction (the report then falls back to t(1) and the provider's raw link figures)."""
     found = store.read_json("commbench.json", {}) or {}
     for n in (p for p in plan.sweep if p > 1 and str(p) not in found):
         out = store.dir / "logs" / f"commbench-{n}.json"
-        job = base.Job(run_id=store.run_id, ranks=n, trainer_args=("--variant", plan.variant, "--batch-size", str(plan.batch_size)),
-                       module="gan.commbench",
+        job = base.Job(run_id=store.run_id, ranks=n, module="gan.commbench",
+                       trainer_args=("--variant", plan.variant, "--batch-size", str(plan.batch_size)),
                        metrics_path=str(out), log_path=str(out.with_suffix(".log")),
-                       timeout_s=min(600.0, plan.point_timeout_s),
-                       cpus_per_rank=cpus_per_rank)
+                       timeout_s=min(600.0, plan.point_timeout_s), cpus_per_rank=cpus_per_rank)
+        if progress:
+            print(f"calibrating the scaling model at {n} ranks (allreduce and busy step)", file=sys.stderr)
         try:
             res = provider.launch(fleet, job)
             if res.returncode != 0:

@@ -279,7 +279,8 @@ class SSHProvider:
     # -- what it offers ---------------------------------------------------------------------------
     def offerings(self):
         h = self.inv.hosts[0]
-        return [Offering(instance_type=self.inv.instance_type, gpu_model=h.gpu_model, gpus=h.slots if h.gpu_model else 0,
+        return [Offering(instance_type=self.inv.instance_type, gpu_model=h.gpu_model,
+                         gpus=h.slots if h.gpu_model else 0,
                          slots=h.slots, price_per_hour=h.price_per_hour,
                          currency=self.inv.currency if h.price_per_hour is not None else None)]
 
@@ -639,7 +640,8 @@ class SSHProvider:
 
         def scan(h):
             try:
-                return h, self.remote(h, script.replace("LEASE", shlex.quote(self._lease_path(h)), 1), timeout=60).stdout
+                lease = shlex.quote(self._lease_path(h))
+                return h, self.remote(h, script.replace("LEASE", lease, 1), timeout=60).stdout
             except ProviderError as e:
                 log.warning("%s", e)
                 return h, None
