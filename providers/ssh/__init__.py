@@ -535,7 +535,9 @@ class SSHProvider:
                 if first <= rank < first + k:
                     node = n
                 first += k
-            reason = {255: " (its ssh connection was lost)", 137: " (killed)", -9: " (killed)"}.get(code, "")
+            # ssh exits 255 both when the remote process dies of a signal and when the connection drops.
+            reason = {255: " (killed by a signal, or its ssh connection was lost)", 137: " (killed)",
+                      -9: " (killed)"}.get(code, "")
             where = f"host {node.name} ({node.address})" if node else "an unknown host"
             return f"rank {rank} on {where} exited with code {code}{reason}"
         return f"horovodrun on head host {head.name} exited with code {rc}"
