@@ -60,17 +60,6 @@ def environment():
             "harness_started_at": dt.datetime.now(dt.timezone.utc).isoformat()}
 
 
-def nodes_for(fleet: base.Fleet, ranks):
-    """How many of the fleet's nodes a point with ``ranks`` ranks occupies (filled in order)."""
-    used, left = 0, ranks
-    for node in fleet.nodes:
-        if left <= 0:
-            break
-        used += 1
-        left -= node.slots
-    return used
-
-
 def choose_offering(plan: hplan.RunPlan, provider):
     """The offering the plan names (--instance-type), or the provider's first."""
     offers = provider.offerings()
@@ -171,7 +160,7 @@ def run_point(plan, store, provider, fleet, gpus, rep, cpus_per_rank, progress, 
         os.remove(metrics_path)
     job = base.Job(run_id=store.run_id, ranks=gpus, trainer_args=trainer_args(plan), metrics_path=metrics_path,
                    log_path=log_path, timeout_s=plan.point_timeout_s, cpus_per_rank=cpus_per_rank)
-    nodes = nodes_for(fleet, gpus)
+    nodes = len(fleet.placement(gpus))
     row = {"run_id": store.run_id, "provider": fleet.provider, "instance_type": fleet.instance_type,
            "gpu_model": fleet.nodes[0].gpu_model, "device": fleet.device, "nodes": nodes, "gpus": gpus,
            "repetition": rep, "steps": plan.steps, "warmup": plan.warmup, "batch_size_per_rank": plan.batch_size,

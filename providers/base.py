@@ -87,6 +87,17 @@ class Fleet:
     def device(self):
         return self.nodes[0].device if self.nodes else "cpu"
 
+    def placement(self, ranks):
+        """[(node, ranks on it)] for a point of ``ranks`` ranks, filling nodes in order (as horovodrun -H)."""
+        out, left = [], ranks
+        for n in self.nodes:
+            if left <= 0:
+                break
+            k = min(n.slots, left)
+            out.append((n, k))
+            left -= k
+        return out
+
     def to_dict(self):
         return dataclasses.asdict(self)
 

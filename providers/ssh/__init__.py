@@ -256,7 +256,7 @@ class SSHProvider:
 
     def remote(self, host: Host, script, input=None, timeout=120, check=True):
         """Run a shell script on the host; an unreachable host raises ProviderError naming it and why."""
-        env = {k: v for k, v in os.environ.items() if k not in (ENV_TAG, ENV_OWNER)}
+        env = _untagged_env()
         try:
             p = subprocess.run(self.ssh(host) + [script], input=input, capture_output=True, timeout=timeout,
                                env=env, text=input is None or isinstance(input, str))
@@ -395,10 +395,16 @@ class SSHProvider:
 
     # -- deploy: the same trainer everywhere ------------------------------------------------------
     def deploy(self, fleet: Fleet):
-        from harness.cli import environment  # TF/Horovod versions of this harness
-
-        mine = environment()
-        want = {"source": source_digest(), "tensorflow": mine.get("tensorflow"), "horovod": mine.get("horovod")}
+        # What the hosts must match: the same probe, run here with this harness's interpreter and checkout.
+        p = subprocess.run([sys.executable, "-c", PROBE, str(ROOT)], capture_output=True, text=True, timeout=300,
+                           cwd=ROOT, env={**_untagged_env(), "PYTHONPATH": str(ROOT)})
+        try:
+            want = json.loads(p.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            raise ProviderError(f"the trainer does not import here ({sys.executable}): "
+                                f"{p.stderr.strip()[-500:]}") from None
+        if "error" in want:
+            raise ProviderError(f"the trainer does not import here ({sys.executable}): {want['error']}")
         hosts = [self.inv.host(n.name) for n in fleet.nodes]
         inv = self.inv
         setup = None
@@ -463,20 +469,9 @@ class SSHProvider:
         return buf.getvalue()
 
     # -- launch -----------------------------------------------------------------------------------
-    def placement(self, fleet: Fleet, ranks):
-        """[(node, ranks on it)] filling nodes in order, as horovodrun's -H does."""
-        out, left = [], ranks
-        for n in fleet.nodes:
-            if left <= 0:
-                break
-            k = min(n.slots, left)
-            out.append((n, k))
-            left -= k
-        return out
-
     def command(self, fleet: Fleet, job: Job):
         d = self._deployed[fleet.run_id]
-        place = self.placement(fleet, job.ranks)
+        place = fleet.placement(job.ranks)
         head = self.inv.host(place[0][0].name)
         remote_metrics = f"{d['rdir']}/{os.path.basename(job.metrics_path)}"
         trainer = [d["python"], "-m", job.module, *job.trainer_args, "--metrics-out", remote_metrics]
@@ -554,7 +549,7 @@ class SSHProvider:
     @contextlib.contextmanager
     def _agent(self):
         """An ssh-agent holding the inventory key for this launch, forwarded to the head (-A)."""
-        env = {k: v for k, v in os.environ.items() if k not in (ENV_TAG, ENV_OWNER)}
+        env = _untagged_env()
         if not self.inv.key:
             yield env  # the user's own agent (SSH_AUTH_SOCK), if any
             return
@@ -670,6 +665,11 @@ class SSHProvider:
                 found.append(Resource(kind="process", id=pid, run_id=tags[ENV_TAG], detail=f"{TAG} on {h.name}",
                                       owner_alive=owner_alive(tags.get(ENV_OWNER, ""))))
         return found
+
+
+def _untagged_env():
+    """This process's environment without the run tags: the harness's own ssh clients are not the run's."""
+    return {k: v for k, v in os.environ.items() if k not in (ENV_TAG, ENV_OWNER)}
 
 
 def _tarball(files, mode=0o644):
