@@ -59,14 +59,7 @@ def cmd_run(args):
         provider = base.get(plan.provider, **dict(plan.provider_options))
     else:
         fields = hplan.load_yaml(args.plan) if args.plan else {}
-        options = dict(fields.pop("provider_options", {}) or {})
-        for opt in args.option or []:
-            if "=" not in opt:
-                raise hplan.PlanError("option", opt, "KEY=VALUE")
-            k, v = opt.split("=", 1)
-            options[k] = v
-        if args.inventory:
-            options["inventory"] = os.path.abspath(args.inventory)
+        options = provider_options(args, fields.pop("provider_options", {}))
         plan = hplan.build(fields, provider=args.provider, gpus=args.gpus, sweep=args.sweep,
                            repetitions=args.repetitions, variant=args.variant, batch_size=args.batch_size,
                            steps=args.steps, warmup=args.warmup, data=args.data, engine=args.engine,
@@ -99,6 +92,24 @@ def cmd_run(args):
     if not len(ok):
         raise CloudbenchError(f"every point failed; see the logs in {store.dir / 'logs'}")
     return 0
+
+
+def provider_options(args, options=None):
+    """--option KEY=VALUE pairs plus the named provider flags (--inventory, --cloud, --provisioner)."""
+    from harness import plan as hplan
+
+    options = dict(options or {})
+    for opt in args.option or []:
+        if "=" not in opt:
+            raise hplan.PlanError("option", opt, "KEY=VALUE")
+        k, v = opt.split("=", 1)
+        options[k] = v
+    if args.inventory:
+        options["inventory"] = os.path.abspath(args.inventory)
+    for flag in ("cloud", "provisioner"):
+        if getattr(args, flag, None):
+            options[flag] = getattr(args, flag)
+    return options
 
 
 def dry_run(plan, provider, as_json):
@@ -218,10 +229,7 @@ def cmd_gc(args):
     from harness.results import RunStore, is_live
     from providers import base
 
-    options = dict(opt.split("=", 1) for opt in args.option or [] if "=" in opt)
-    if args.inventory:
-        options["inventory"] = os.path.abspath(args.inventory)
-    provider = base.get(args.provider, **options)
+    provider = base.get(args.provider, **provider_options(args))
     root = Path(args.results)
     live = {d.name for d in root.iterdir() if d.is_dir() and (d / "run.json").exists()
             and is_live(RunStore(d))} if root.is_dir() else set()
@@ -245,7 +253,8 @@ def cmd_lab(args):
     from harness import lab
 
     if args.action == "up":
-        out = lab.up(hosts=args.hosts, bandwidth=args.bandwidth, name=args.name, slots=args.slots)
+        out = lab.up(hosts=args.hosts, bandwidth=args.bandwidth, name=args.name, slots=args.slots,
+                     emulate=tuple(args.emulate or ()))
     elif args.action == "down":
         out = lab.down(args.name)
     else:
@@ -262,6 +271,9 @@ def cmd_lab(args):
             print(f"{h['name']:10s} {h['address']}:{h['port']}  netns {h['netns']}  slots {h['slots']}  cpus {cpus}  "
                   f"rate {h['rate']}  sshd {'up' if h['sshd'] else 'DOWN'}")
         print(f"inventory  {out['inventory']}")
+        for name, emu in (out.get("emulators") or {}).items():
+            print(f"{name:10s} {emu.get('auth_url') or emu.get('url')}  {'up' if emu.get('alive') else 'DOWN'}"
+                  + (f"  clouds.yaml {emu['clouds_yaml']} (cloud cloudbench-lab)" if emu.get("clouds_yaml") else ""))
     return 0
 
 
@@ -298,6 +310,8 @@ def parser():
     r.add_argument("--instance-type", help="pick this offering of the provider")
     r.add_argument("--option", action="append", metavar="KEY=VALUE", help="provider option (repeatable)")
     r.add_argument("--inventory", help="ssh provider: the hosts' inventory YAML (e.g. `cloudbench lab status`)")
+    r.add_argument("--cloud", help="openstack provider: the clouds.yaml entry (default $OS_CLOUD, else OS_*)")
+    r.add_argument("--provisioner", help="openstack provider: sdk (default, libcloud) or terraform")
     r.add_argument("--results", default=str(RUNS), help="runs directory (default results/runs)")
     r.add_argument("--resume", metavar="RUN_ID", help="finish an interrupted run")
     r.add_argument("--dry-run", action="store_true", help="print fleet, points and cost; buy nothing")
@@ -344,6 +358,7 @@ def parser():
     g.add_argument("--results", default=str(RUNS))
     g.add_argument("--dry-run", action="store_true")
     g.add_argument("--inventory", help="ssh provider: the inventory whose hosts to scan")
+    g.add_argument("--cloud", help="openstack provider: the clouds.yaml entry whose project to scan")
     g.add_argument("--option", action="append", metavar="KEY=VALUE", help="provider option (repeatable)")
     g.add_argument("--json", action="store_true")
     g.set_defaults(fn=cmd_gc)
@@ -359,6 +374,8 @@ def parser():
             a.add_argument("--hosts", type=int, default=2)
             a.add_argument("--bandwidth", default=None, help="per-host egress limit, e.g. 100mbit (tc tbf)")
             a.add_argument("--slots", type=int, default=None, help="ranks per host (default: this machine's cores / hosts, at least 1)")
+            a.add_argument("--emulate", action="append", choices=["openstack"],
+                           help="also start a cloud API emulator whose servers are the lab hosts (repeatable)")
         a.set_defaults(fn=cmd_lab)
 
     e = sub.add_parser("env", help="show the TensorFlow/Horovod/CPU/GPU environment")

@@ -1,6 +1,6 @@
 """The lab: N hosts on this machine as network namespaces on a bridge, each with its own sshd.
 
-    cloudbench lab up --hosts 2 [--bandwidth 1gbit] [--name lab]
+    cloudbench lab up --hosts 2 [--bandwidth 1gbit] [--name lab] [--emulate openstack]
     cloudbench lab status [--name lab] [--json]
     cloudbench lab down [--name lab]
 
@@ -12,6 +12,9 @@ sshd (key-only, a lab key pair, host keys listed in the lab's known_hosts). The 
 YAML for the ssh provider (with its leases and scratch inside the lab's state directory). State lives in
 /run/cloudbench-lab/<name>/. A failed ``up`` undoes what it did; ``down`` removes everything (leases
 included) and is safe to repeat. The lab only uses addresses it created.
+
+``--emulate openstack`` also starts a loopback OpenStack API (``harness.emulators.openstack``, a daemon whose
+ACTIVE servers are the lab hosts) and writes ``<state>/clouds.yaml`` with its entry ``cloudbench-lab``.
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
+import urllib.request
 import zlib
 from pathlib import Path
 
@@ -30,6 +35,9 @@ from harness.errors import CloudbenchError
 STATE_ROOT = Path(os.environ.get("CLOUDBENCH_LAB_DIR", "/run/cloudbench-lab"))
 SSHD = "/usr/sbin/sshd"
 RATE = re.compile(r"^\d+(\.\d+)?(bit|kbit|mbit|gbit|tbit)$")
+EMULATORS = {"openstack": "harness.emulators.openstack"}  # --emulate name -> module run as a daemon
+CLOUD_NAME = "cloudbench-lab"  # the clouds.yaml entry of the OpenStack emulator
+_DAEMONS = {}  # pid -> Popen of emulators this process started (reaped when down kills them)
 
 
 class LabError(CloudbenchError):
@@ -72,8 +80,12 @@ def preflight():
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
 
 
-def up(hosts=2, bandwidth=None, name="lab", slots=None):
-    """Create the lab; returns its status. Undoes everything on failure."""
+def up(hosts=2, bandwidth=None, name="lab", slots=None, emulate=()):
+    """Create the lab (and the cloud APIs named in ``emulate``); returns its status. Undoes everything on failure."""
+    emulate = tuple(dict.fromkeys(emulate or ()))
+    for kind in emulate:
+        if kind not in EMULATORS:
+            raise LabError(f"unknown emulator {kind!r} (expected one of: {', '.join(EMULATORS)})")
     if hosts < 1 or hosts > 50:
         raise LabError(f"invalid --hosts {hosts} (expected 1 to 50)")
     if bandwidth is not None and not RATE.match(bandwidth):
@@ -83,6 +95,10 @@ def up(hosts=2, bandwidth=None, name="lab", slots=None):
     if (d / "state.json").exists():
         raise LabError(f"lab {name!r} is already up ({d}); `cloudbench lab down --name {name}` first")
     plan = _names(name, hosts)
+    taken = _subnet_user(plan["subnet"])
+    if taken:  # another lab whose name hashes to the same subnet: both would break
+        raise LabError(f"subnet {plan['subnet']}.0/24 of lab {name!r} is already used by {taken} "
+                       "(another lab?); pick another --name")
     d.mkdir(parents=True, exist_ok=True)
     state = {"name": name, "bridge": plan["bridge"], "subnet": plan["subnet"] + ".0/24", "bandwidth": bandwidth,
              "hosts": [], "dir": str(d)}
@@ -109,11 +125,24 @@ def up(hosts=2, bandwidth=None, name="lab", slots=None):
         _wait_ssh(state)
         state["inventory"] = str(write_inventory(d, state))
         (d / "state.json").write_text(json.dumps(state, indent=1))
+        for kind in emulate:  # they read state.json, so after it is written
+            _emulator_up(d, state, kind)
+            (d / "state.json").write_text(json.dumps(state, indent=1))
     except BaseException:
         _teardown(state)
         shutil.rmtree(d, ignore_errors=True)
         raise
     return status(name)
+
+
+def _subnet_user(prefix):
+    """The interface that already has an address in prefix.0/24, or None."""
+    out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        words = line.split()
+        if len(words) > 3 and words[3].startswith(prefix + "."):
+            return words[1]
+    return None
 
 
 def _host_up(d, plan, h, bandwidth):
@@ -196,8 +225,114 @@ def write_inventory(d, state):
     return path
 
 
+def _emulator_up(d, state, kind):
+    """Start emulator ``kind`` as a daemon (own session, log in the state dir) and record where it listens."""
+    log = d / f"{kind}-emulator.log"
+    cmd = [sys.executable, "-m", EMULATORS[kind], "serve", "--lab", state["name"], "--port", "0"]
+    with open(log, "w") as out:
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                             start_new_session=True, cwd=str(Path(__file__).resolve().parents[1]))
+    _DAEMONS[p.pid] = p
+    state.setdefault("emulators", {})[kind] = {"pid": p.pid, "log": str(log)}
+    deadline = time.monotonic() + 30
+    info = None
+    while info is None:
+        for line in log.read_text().splitlines():  # it prints one JSON line once it listens
+            if line.startswith("{"):
+                try:
+                    info = json.loads(line)
+                except ValueError:
+                    continue
+        if info is None and p.poll() is not None:
+            raise LabError(f"the {kind} emulator exited ({p.returncode}): {log.read_text()[-500:]}")
+        if info is None and time.monotonic() > deadline:
+            raise LabError(f"the {kind} emulator did not start within 30 s: {log.read_text()[-500:]}")
+        time.sleep(0.05)
+    try:  # and answers
+        urllib.request.urlopen(info["auth_url"], timeout=10).read()
+    except OSError as e:
+        raise LabError(f"the {kind} emulator at {info['url']} does not answer: {e}") from None
+    rec = {"pid": p.pid, "url": info["url"], "auth_url": info["auth_url"], "log": str(log)}
+    if kind == "openstack":
+        rec["clouds_yaml"] = str(_write_clouds_yaml(d, info))
+    state["emulators"][kind] = rec
+
+
+def _write_clouds_yaml(d, info):
+    """clouds.yaml (openstacksdk's format) with the emulator as cloud ``cloudbench-lab`` (password auth) and
+    ``cloudbench-lab-appcred`` (its application credential); ``cloudbench:`` selects the provider's lab profile."""
+    import yaml
+
+    c = info["credentials"]
+    common = {"region_name": info["region"], "interface": "public", "identity_api_version": 3,
+              "cloudbench": {"profile": "lab"}}
+    doc = {"clouds": {
+        CLOUD_NAME: {"auth": {"auth_url": info["auth_url"], "username": c["user"], "password": c["password"],
+                              "project_name": c["project"], "user_domain_name": c["domain"],
+                              "project_domain_name": c["domain"]}, **common},
+        CLOUD_NAME + "-appcred": {"auth_type": "v3applicationcredential", "auth": {
+            "auth_url": info["auth_url"], "application_credential_id": c["app_cred_id"],
+            "application_credential_secret": c["app_cred_secret"]}, **common}}}
+    path = d / "clouds.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    path.chmod(0o600)  # it holds the (lab-only) password and secret
+    return path
+
+
+def _emulator_pids(name, state):
+    """Pids of the lab's emulator daemons: recorded ones that still run one, else found by command line."""
+    def ours(pid):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        if b"serve" not in argv or b"--lab" not in argv:
+            return False
+        i = argv.index(b"--lab")
+        return argv[i + 1:i + 2] == [name.encode()] and any(m.encode() in argv for m in EMULATORS.values())
+
+    recorded = [e.get("pid") for e in (state.get("emulators") or {}).values() if e.get("pid")]
+    if recorded:
+        return [pid for pid in recorded if ours(pid)]
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and ours(int(p.name))]
+
+
+def _alive(pid):
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+
+
+def _emulators_down(name, state):
+    """SIGTERM the lab's emulators (SIGKILL after 5 s) and reap the ones this process started."""
+    pids = _emulator_pids(name, state)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 5
+    for pid in pids:
+        while _alive(pid) and time.monotonic() < deadline:
+            if pid in _DAEMONS and _DAEMONS[pid].poll() is not None:
+                break
+            time.sleep(0.05)
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p = _DAEMONS.pop(pid, None)
+        if p is not None:
+            p.wait(timeout=5)
+
+
 def _teardown(state):
     """Remove what ``state`` says exists; ignores what is already gone."""
+    if state.get("name"):
+        _emulators_down(state["name"], state)  # first: they act on the hosts
     for h in state.get("hosts", []):
         if not h.get("netns_created", True):
             continue  # its namespace was never made by us (up failed there): not ours to delete
@@ -227,7 +362,7 @@ def down(name="lab"):
         state = json.loads((d / "state.json").read_text())
     except FileNotFoundError:
         # No record: still remove anything carrying this lab's names (a crash between create and record).
-        state = {"bridge": f"cbl-{name}", "hosts": [
+        state = {"name": name, "bridge": f"cbl-{name}", "hosts": [
             {"netns": ns, "veth": f"cbl{name}{ns.rsplit('-', 1)[1]}"}
             for ns in _netns_list() if ns.startswith(f"cbl-{name}-")]}
     _teardown(state)
@@ -252,5 +387,9 @@ def status(name="lab"):
         hosts.append({"name": h["name"], "address": h["address"], "port": 22, "netns": h["netns"],
                       "slots": h["slots"], "cpus": h.get("cpus"), "rate": state["bandwidth"] or "unlimited",
                       "sshd": bool(alive)})
+    emulators = {kind: {"url": e.get("url"), "auth_url": e.get("auth_url"), "clouds_yaml": e.get("clouds_yaml"),
+                        "alive": bool(e.get("pid")) and e["pid"] in _emulator_pids(name, state) and _alive(e["pid"])}
+                 for kind, e in (state.get("emulators") or {}).items()}
     return {"name": name, "up": True, "subnet": state["subnet"], "bridge": state["bridge"], "hosts": hosts,
-            "inventory": state["inventory"], "key": str(d / "id_ed25519"), "known_hosts": str(d / "known_hosts")}
+            "inventory": state["inventory"], "key": str(d / "id_ed25519"), "known_hosts": str(d / "known_hosts"),
+            "emulators": emulators}

@@ -97,7 +97,7 @@ def execute(plan: hplan.RunPlan, store: RunStore, provider, progress=True):
                                   f"one that the {plan.provider} provider supports: {', '.join(engines)}")
         spec = base.FleetSpec(run_id=store.run_id, provider=plan.provider, slots=max(plan.sweep),
                               variant=plan.variant, instance_type=plan.instance_type, engine=plan.engine,
-                              options=plan.provider_options)
+                              options=plan.provider_options, workdir=str(store.dir))
         fleet = provider.provision(spec, on_record=lambda f: store.write_json("fleet.json", f.to_dict()))
         store.write_json("fleet.json", fleet.to_dict())
         provider.deploy(fleet)

@@ -51,6 +51,7 @@ class FleetSpec:
     instance_type: Optional[str] = None
     engine: str = "gloo"
     options: tuple = ()  # provider-specific (key, value) pairs, e.g. (("inventory", "hosts.yaml"),)
+    workdir: Optional[str] = None  # the run's results directory: providers keep run state (keys, tf state) here
 
     def option(self, key, default=None):
         return dict(self.options).get(key, default)

@@ -22,6 +22,17 @@ def cloudbench(*args, timeout=900, **kw):
     return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kw)
 
 
+def run_ok(results, *args):
+    """`cloudbench run ARGS --json` that must succeed with every point ok: (its JSON, run dir, samples)."""
+    p = cloudbench("run", *args, "--json", "--results", results)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout)
+    d = Path(out["results_dir"])
+    df = pd.read_parquet(d / "samples.parquet")
+    assert (df["status"] == "ok").all(), df[["gpus", "status", "error"]]
+    return out, d, df
+
+
 def tagged(run_id):
     return [r for r in LocalProvider().list_tagged() if r.run_id == run_id]
 

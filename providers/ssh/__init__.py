@@ -325,16 +325,22 @@ class SSHProvider:
             if device == "cpu" and f["cores"] < h.slots:
                 log.warning("host %s has %d core(s) for %d slots: ranks will share cores", h.name, f["cores"],
                             h.slots)
-        extra = [("inventory", inv.path), ("cores", [f["cores"] for f in facts])]
-        if device == "cpu":
-            extra.append(("cpus_per_rank", max(1, min(f["cores"] // h.slots for h, f in zip(chosen, facts)))))
-        if len(chosen) > 1:
-            link = self.measure_link(chosen[0], chosen[1])
-            extra += [("link_bandwidth_Bps", link["bandwidth_Bps"]), ("link_latency_s", link["latency_s"])]
+        extra = [("inventory", inv.path), *self.fleet_facts(chosen, facts, device)]
         fleet = dataclasses.replace(fleet, nodes=tuple(self._node(h, device, f) for h, f in zip(chosen, facts)),
                                     extra=tuple(extra))
         on_record(fleet)
         return fleet
+
+    def fleet_facts(self, hosts, facts, device):
+        """What every fleet reached over SSH records: cores per host, the CPU share of a rank on CPU hosts, and
+        the raw TCP link from host 0 to host 1 (the scaling model's fallback)."""
+        extra = [("cores", [f["cores"] for f in facts])]
+        if device == "cpu":
+            extra.append(("cpus_per_rank", max(1, min(f["cores"] // h.slots for h, f in zip(hosts, facts)))))
+        if len(hosts) > 1:
+            link = self.measure_link(hosts[0], hosts[1])
+            extra += [("link_bandwidth_Bps", link["bandwidth_Bps"]), ("link_latency_s", link["latency_s"])]
+        return extra
 
     def _node(self, h: Host, device, facts=None):
         model = h.gpu_model or (facts or {}).get("gpu_model") if device == "gpu" else None

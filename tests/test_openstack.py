@@ -1,0 +1,247 @@
+"""The openstack provider: configuration, flavor discovery, and whole runs against the OpenStack emulator
+backed by lab hosts (SSH deploy and horovodrun for real), with every fault switch, kill -9 and gc."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness import lab
+from harness.errors import PlanError
+from providers.openstack import OpenStackProvider
+from providers.openstack import config as osconfig
+from conftest import BIN
+from test_run_local import ROOT, cloudbench, run_ok
+
+SMALL = ["--variant", "small", "--steps", "20", "--warmup", "5", "--no-progress"]
+
+
+# -- configuration ---------------------------------------------------------------------------------
+def write_clouds(tmp_path, entry, name="mycloud"):
+    p = tmp_path / "clouds.yaml"
+    p.write_text(yaml.safe_dump({"clouds": {name: entry}}))
+    return p
+
+
+def test_clouds_yaml_password_appcred_env_and_profiles(tmp_path, monkeypatch):
+    for k in list(os.environ):
+        if k.startswith("OS_"):
+            monkeypatch.delenv(k)
+    p = write_clouds(tmp_path, {"auth": {"auth_url": "https://keystone.example:5000/v3", "username": "u",
+                                         "password": "p", "project_name": "gan", "user_domain_name": "Default"},
+                                "region_name": "cern", "cloudbench": {"profile": "cern", "network": "CERN_NETWORK"}})
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(p))
+    c = osconfig.load("mycloud")
+    assert (c.auth_type, c.username, c.project_name, c.region) == ("password", "u", "gan", "cern")
+    assert c.get("network") == "CERN_NETWORK" and c.get("floating_ip_pool") == "" and c.get("user") == "root"
+    # a provider option wins over clouds.yaml, which wins over the profile
+    assert osconfig.load("mycloud", {"network": "other"}).get("network") == "other"
+    # application credentials, the OTC profile's endpoint per region
+    write_clouds(tmp_path, {"auth_type": "v3applicationcredential",
+                            "auth": {"application_credential_id": "i", "application_credential_secret": "s"},
+                            "region_name": "eu-nl", "cloudbench": {"profile": "otc"}})
+    c = osconfig.load("mycloud")
+    assert c.auth_type == "application_credential" and c.auth_url == "https://iam.eu-nl.otc.t-systems.com/v3"
+    assert c.get("floating_ip_pool") == "admin_external_net" and c.get("gpu_flavors")["p2v.16xlarge.8"]["count"] == 8
+    # an openrc environment
+    monkeypatch.setenv("OS_AUTH_URL", "http://127.0.0.1:5000/v3")
+    for k, v in (("OS_USERNAME", "a"), ("OS_PASSWORD", "b"), ("OS_PROJECT_NAME", "c"), ("OS_REGION_NAME", "R")):
+        monkeypatch.setenv(k, v)
+    c = osconfig.load(None)
+    assert (c.name, c.username, c.region) == ("env", "a", "R")
+    # errors name what is expected
+    with pytest.raises(PlanError, match="an entry of clouds.yaml"):
+        osconfig.load("nope")
+    write_clouds(tmp_path, {"auth": {"auth_url": "http://x/v3", "username": "u"}})
+    with pytest.raises(PlanError, match="password"):
+        osconfig.load("mycloud")
+    write_clouds(tmp_path, {"auth": {"auth_url": "http://x/v3", "username": "u", "password": "p",
+                                     "project_name": "p"}, "cloudbench": {"profile": "aws"}})
+    with pytest.raises(PlanError, match="generic, cern, otc, lab"):
+        osconfig.load("mycloud")
+    with pytest.raises(PlanError, match="one of"):
+        OpenStackProvider(cloud="mycloud", netwrk="x").cloud
+
+
+def test_flavor_gpus_from_extra_specs_and_mapping():
+    f = osconfig.flavor_gpus
+    assert f("g", {"pci_passthrough:alias": "a100:8"}) == ("a100", 8)
+    assert f("g", {"pci_passthrough:alias": "v100:2,v100:2"}) == ("v100", 4)
+    assert f("g", {"pci_passthrough:gpu_specs": "nvidia-v100-16g:1"}) == ("nvidia-v100-16g", 1)
+    assert f("g", {"resources:PGPU": "4"}) == ("PGPU", 4)
+    assert f("g", {"resources:VGPU": "1", "trait:CUSTOM_NVIDIA_A10": "required"}) == ("NVIDIA_A10", 1)
+    assert f("bm", {"gpu_model": "V100"}, {"bm": {"model": "V100", "count": 8}}) == ("V100", 8)
+    assert f("m1.small", {"hw:cpu_policy": "dedicated"}) == (None, 0)
+
+
+# -- against the emulator, backed by lab hosts -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def cloud():
+    """A 2-host lab with the OpenStack emulator; its clouds.yaml is what every test uses."""
+    if os.geteuid() != 0:
+        pytest.skip("the lab needs root")
+    lab.down("os1")
+    st = lab.up(hosts=2, name="os1", slots=1, emulate=("openstack",))
+    emu = st["emulators"]["openstack"]
+    old = os.environ.get("OS_CLIENT_CONFIG_FILE")
+    os.environ["OS_CLIENT_CONFIG_FILE"] = emu["clouds_yaml"]
+    try:
+        yield {**emu, "lab": st}
+    finally:
+        if old is None:
+            os.environ.pop("OS_CLIENT_CONFIG_FILE", None)
+        else:
+            os.environ["OS_CLIENT_CONFIG_FILE"] = old
+        lab.down("os1")
+
+
+def emulator(cloud, path, body=None):
+    req = urllib.request.Request(cloud["url"] + "/_emulator/" + path, method="POST" if body is not None else "GET",
+                                 data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read() or b"{}")
+
+
+def leftovers(cloud, run_id=None):
+    """Every resource the emulator still holds (of one run when given), by kind."""
+    st = emulator(cloud, "state")
+    out = {}
+    for kind in ("servers", "ports", "floatingips", "security_groups", "keypairs"):
+        items = st.get(kind) or []
+        if run_id:
+            items = [x for x in items if run_id in json.dumps(x)]
+        if items:
+            out[kind] = items
+    return out
+
+
+@pytest.fixture
+def clean(cloud):
+    emulator(cloud, "reset", {})
+    yield cloud
+    emulator(cloud, "faults", {k: 0 for k in FAULTS})
+    assert not leftovers(cloud), leftovers(cloud)
+
+
+FAULTS = ("quota", "no_valid_host", "server_error", "rate_limit", "internal_error", "slow_build")
+
+
+def provision(run_id, tmp_path, slots=2, **options):
+    from providers.base import FleetSpec
+
+    p = OpenStackProvider(cloud="cloudbench-lab", **options)
+    records = []
+    spec = FleetSpec(run_id=run_id, provider="openstack", slots=slots, variant="small", workdir=str(tmp_path))
+    try:
+        fleet = p.provision(spec, records.append)
+    except BaseException:
+        p.teardown(run_id, records[-1] if records else None)
+        raise
+    return p, fleet, records
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
+def test_done_when_run_on_the_emulated_cloud_leaves_nothing(clean, tmp_path):
+    out, d, df = run_ok(tmp_path, "--provider", "openstack", "--cloud", "cloudbench-lab", "--gpus", 2, *SMALL,
+                        "--repetitions", 2)
+    assert len(df) == 4
+    fleet = json.loads((d / "fleet.json").read_text())
+    names = [n["name"] for n in fleet["nodes"]]
+    assert names == [f"cb-{out['run_id']}-0", f"cb-{out['run_id']}-1"]
+    lab_hosts = {h["address"]: h["name"] for h in clean["lab"]["hosts"]}
+    assert {n["address"] for n in fleet["nodes"]} == set(lab_hosts)
+    # the trainer ran on both lab hosts (each rank records its host's own hostname)
+    two = df[df["gpus"] == 2].iloc[0]
+    summary = json.loads(Path(d, two["metrics_path"]).read_text().splitlines()[-1])
+    assert {r["host"] for r in summary["ranks_placement"]} == set(lab_hosts.values())
+    assert dict(map(tuple, fleet["extra"]))["shape"].startswith("shape 2x1")
+    assert (d / "openstack" / "known_hosts").read_text().count("ssh-ed25519") == 2
+    assert not leftovers(clean, out["run_id"])
+
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
+
+
+@root_only
+def test_no_valid_host_tries_the_next_flavor_and_a_server_in_error_is_replaced(clean, tmp_path):
+    # Attempt 1: server 0 finds no valid host, server 1 (abandoned with it) takes one server_error;
+    # attempt 2 (the next flavor): server 0 goes ERROR and is replaced. 429s and 500s fall anywhere.
+    emulator(clean, "faults", {"no_valid_host": 1, "server_error": 2, "rate_limit": 3, "internal_error": 2})
+    p, fleet, _ = provision("osfault1", tmp_path)
+    try:
+        extra = dict(fleet.extra)
+        first = p.shapes(2)[0][0].instance_type
+        assert fleet.instance_type != first  # the first flavor had no valid host: the next one was used
+        assert extra["replaced_servers"] == 1 and len(fleet.nodes) == 2
+        assert emulator(clean, "faults").get("rate_limit", 0) == 0  # the 429s and 500s were retried through
+    finally:
+        gone = p.teardown("osfault1", fleet)
+    assert {r.kind for r in gone} >= {"server", "security_group", "keypair"}
+    assert not leftovers(clean)
+
+
+@root_only
+def test_quota_is_refused_with_the_numbers_and_nothing_is_left(clean, tmp_path):
+    emulator(clean, "quota", {"instances": 1})
+    try:
+        with pytest.raises(Exception, match=r"quota exceeded .* needs 2 instances, the project uses 0 of 1"):
+            provision("osquota1", tmp_path)
+    finally:
+        emulator(clean, "quota", {"instances": 10})
+    emulator(clean, "faults", {"quota": 1})  # Nova's own 403 on create, past the pre-check
+    with pytest.raises(Exception, match="(?i)quota exceeded"):
+        provision("osquota2", tmp_path)
+    assert not leftovers(clean)
+
+
+@root_only
+def test_stuck_in_build_is_replaced_then_fails_cleanly_when_replacements_run_out(clean, tmp_path):
+    emulator(clean, "faults", {"slow_build": {"seconds": 60, "count": 1}})  # the first server sits in BUILD
+    p, fleet, _ = provision("osslow1", tmp_path, build_timeout="4")
+    try:
+        assert dict(fleet.extra)["replaced_servers"] == 1
+    finally:
+        p.teardown("osslow1", fleet)
+    emulator(clean, "faults", {"server_error": 2})
+    with pytest.raises(Exception, match="more than the 1 replacements allowed"):
+        provision("osslow2", tmp_path, replacements="1")
+    emulator(clean, "faults", {"rate_limit": 1000})
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match="still answers 429 after 5 s"):
+        provision("osrate1", tmp_path, api_deadline="5")
+    assert time.monotonic() - t0 < 30
+    emulator(clean, "faults", {"rate_limit": 0})
+    assert not leftovers(clean)
+
+
+@root_only
+def test_kill_9_during_provisioning_then_gc_leaves_nothing(clean, tmp_path):
+    # both servers sit in BUILD long enough to kill the harness
+    emulator(clean, "faults", {"slow_build": {"seconds": 60, "count": 2}})
+    exe = BIN / "cloudbench"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "harness.cli"]
+    proc = subprocess.Popen(cmd + ["run", "--provider", "openstack", "--cloud", "cloudbench-lab", "--gpus", "2",
+                                   *SMALL, "--results", str(tmp_path)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(leftovers(clean).get("servers", [])) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert leftovers(clean)["keypairs"] and leftovers(clean)["security_groups"]
+    dry = cloudbench("gc", "--provider", "openstack", "--cloud", "cloudbench-lab", "--results", tmp_path,
+                     "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    kinds = {r["kind"] for r in json.loads(dry.stdout)["resources"]}
+    assert kinds >= {"server", "port", "security_group", "keypair"}, kinds
+    p = cloudbench("gc", "--provider", "openstack", "--cloud", "cloudbench-lab", "--results", tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert not leftovers(clean)
