@@ -169,7 +169,8 @@ def _host_up(d, plan, h, bandwidth):
     shutil.copy(d / "id_ed25519.pub", hd / "authorized_keys")
     cfg = hd / "sshd_config"
     cfg.write_text("\n".join([
-        f"ListenAddress {h['address']}", "Port 22", f"HostKey {hd / 'hostkey'}", f"PidFile {hd / 'sshd.pid'}",
+        # Every address of the host's own namespace: its lab address and any floating IP an emulator adds.
+        "ListenAddress 0.0.0.0", "Port 22", f"HostKey {hd / 'hostkey'}", f"PidFile {hd / 'sshd.pid'}",
         f"AuthorizedKeysFile {hd / 'authorized_keys'}", "PasswordAuthentication no",
         "KbdInteractiveAuthentication no", "PermitRootLogin prohibit-password", "StrictModes no", "UsePAM no",
         "Subsystem sftp /usr/lib/openssh/sftp-server", "PermitUserEnvironment no", "MaxStartups 100:30:200",

@@ -170,6 +170,21 @@ root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 
 
 @root_only
+def test_floating_ips_only_when_asked_reach_the_servers_and_are_always_released(clean, tmp_path):
+    out, d, df = run_ok(tmp_path, "--provider", "openstack", "--cloud", "cloudbench-lab", "--option",
+                        "floating_ip_pool=public", "--gpus", 2, "--sweep", 2, "--repetitions", 1, *SMALL)
+    fleet = json.loads((d / "fleet.json").read_text())
+    assert all(n["address"].startswith("198.18.") for n in fleet["nodes"])  # SSH went through floating IPs
+    inv = yaml.safe_load((d / "openstack" / "inventory.yaml").read_text())
+    lab_addresses = {h["address"] for h in clean["lab"]["hosts"]}
+    assert {h["internal_address"] for h in inv["hosts"]} == lab_addresses  # Horovod used the fixed ones
+    assert set(df["hosts"]) == {",".join(h["name"] for h in clean["lab"]["hosts"])}
+    assert not leftovers(clean, out["run_id"])
+    routes = subprocess.run(["ip", "route", "show", "root", "198.18.0.0/15"], capture_output=True, text=True).stdout
+    assert not routes.strip(), routes  # every floating IP's route went with it
+
+
+@root_only
 def test_no_valid_host_tries_the_next_flavor_and_a_server_in_error_is_replaced(clean, tmp_path):
     # Attempt 1: server 0 finds no valid host, server 1 (abandoned with it) takes one server_error;
     # attempt 2 (the next flavor): server 0 goes ERROR and is replaced. 429s and 500s fall anywhere.
@@ -244,4 +259,17 @@ def test_kill_9_during_provisioning_then_gc_leaves_nothing(clean, tmp_path):
     assert kinds >= {"server", "port", "security_group", "keypair"}, kinds
     p = cloudbench("gc", "--provider", "openstack", "--cloud", "cloudbench-lab", "--results", tmp_path)
     assert p.returncode == 0, p.stderr
+    assert not leftovers(clean)
+
+
+@root_only
+def test_terraform_provisioner_gets_the_cloud_settings_and_fails_cleanly_offline(clean, tmp_path):
+    """terraform/openstack cannot init here (no provider plugin can be downloaded): the wiring still runs up to
+    there (flavor, image, network, the run key, variables the module declares) and the failure leaves nothing."""
+    with pytest.raises(Exception, match="(?i)terraform") as e:
+        provision("ostf1", tmp_path, provisioner="terraform")
+    tfvars = json.loads((tmp_path / "terraform" / "terraform.tfvars.json").read_text())
+    assert tfvars["flavor"] == "lab.cpu" and tfvars["network"] == "lab-net" and tfvars["image"] == "cloudbench-lab"
+    assert tfvars["instance_count"] == 2 and tfvars["public_key"].startswith("ssh-ed25519"), tfvars
+    assert "init" in str(e.value) or "provider" in str(e.value)
     assert not leftovers(clean)

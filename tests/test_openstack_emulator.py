@@ -149,7 +149,7 @@ def test_libcloud_full_cycle(cloud):
     pool = d.ex_list_floating_ip_pools()[0]
     assert pool.name == "public"
     fip = pool.create_floating_ip()
-    assert fip.ip_address.startswith("192.0.2.")
+    assert fip.ip_address.startswith("198.18.0.")
     d.ex_attach_floating_ip_to_node(node, fip)
     assert node_status(d, node).public_ips == [fip.ip_address]
     assert pool.get_floating_ip(fip.ip_address).get_node_id() == node.id

@@ -12,7 +12,7 @@ codes, headers and bodies (errors included), so clients and the openstack provid
                          os-keypairs, limits, os-server-groups, os-availability-zone, os-quota-sets
     /image/v2            Glance: images (two: "cloudbench-lab" and "ubuntu-22.04")
     /network/v2.0        Neutron: networks ("lab-net" and the external "public"), subnets, ports,
-                         security groups and rules, floating IPs (192.0.2.0/24), routers, extensions
+                         security groups and rules, floating IPs (198.18.X.0/24), routers, extensions
     /_emulator/...       not OpenStack: fault switches, quotas, a dump of every resource, reset
 
 Lab backing. Given the lab's state (``harness.lab``), a server that becomes ACTIVE *is* a free lab host: its
@@ -71,7 +71,9 @@ NO_LAB_SLOTS = 2  # "lab host" size when there is no lab
 # Without a lab: a private range (libcloud classifies 10/8 as private_ips, as for a real cloud's fixed IPs)
 # inside the lab's 10.213/16 block but outside every lab subnet (10.213.100-199), so nothing answers there.
 NO_LAB_SUBNET = "10.213.0.0/24"
-FLOATING_SUBNET = "192.0.2.0/24"  # TEST-NET-1: floating IPs are never reachable
+# Floating IPs come from the benchmarking range (RFC 2544, never a real network), one /24 per lab (X = the third
+# octet of the lab's subnet; 0 without a lab); routed to lab hosts only while associated with one of them.
+FLOATING_RANGE = "198.18.{}.0/24"
 KEY_MARK = "cloudbench-emulator:"  # comment of the authorized_keys lines the emulator adds
 TOKEN_SECONDS = 3600
 USER, PASSWORD, PROJECT, DOMAIN = "cloudbench", "cloudbench-lab", "cloudbench", "Default"
@@ -391,6 +393,13 @@ class OpenStackEmulator:
         else:
             self.hosts, self.slots, cidr = None, NO_LAB_SLOTS, NO_LAB_SUBNET
         self.cidr = cidr
+        self.floating_subnet = FLOATING_RANGE.format(cidr.split(".")[2] if lab_state else 0)
+        if lab_state:
+            from harness.lab import _subnet_user
+
+            user = _subnet_user(self.floating_subnet.rsplit(".", 1)[0])
+            if user:
+                raise RuntimeError(f"floating IP range {self.floating_subnet} is already on interface {user} here")
         self._net_prefix = cidr.split("/")[0].rsplit(".", 1)[0]
         self.flavors = _flavors(self.slots)
         self.images = self._make_images()
@@ -483,7 +492,7 @@ class OpenStackEmulator:
             self.public_net: {**common, "id": self.public_net, "name": "public", "subnets": [self.public_subnet],
                               "router:external": True, "is_default": True, "tenant_id": self.admin_project_id,
                               "project_id": self.admin_project_id}}
-        fp = FLOATING_SUBNET.split("/")[0].rsplit(".", 1)[0]
+        fp = self.floating_subnet.split("/")[0].rsplit(".", 1)[0]
         sub = {"ip_version": 4, "enable_dhcp": True, "dns_nameservers": [], "host_routes": [], "ipv6_ra_mode": None,
                "ipv6_address_mode": None, "subnetpool_id": None, "description": "", "service_types": [], "tags": [],
                "created_at": t, "updated_at": t, "revision_number": 0}
@@ -494,7 +503,7 @@ class OpenStackEmulator:
                                                     "end": self._net_prefix + ".254"}],
                               "tenant_id": self.project_id, "project_id": self.project_id},
             self.public_subnet: {**sub, "id": self.public_subnet, "name": "public-subnet",
-                                 "network_id": self.public_net, "cidr": FLOATING_SUBNET, "gateway_ip": fp + ".1",
+                                 "network_id": self.public_net, "cidr": self.floating_subnet, "gateway_ip": fp + ".1",
                                  "enable_dhcp": False, "allocation_pools": [{"start": fp + ".10", "end": fp + ".254"}],
                                  "tenant_id": self.admin_project_id, "project_id": self.admin_project_id}}
         self.routers = {self.router_id: {
@@ -1769,8 +1778,30 @@ class OpenStackEmulator:
         return 204, None
 
     # floating IPs
+    def _route(self, fip, on):
+        """Make a lab-backed floating IP reachable, as a cloud's router would: the address is added to the lab
+        host's interface (its sshd listens on every address of its namespace) and routed there from this
+        machine and from every other lab host (a cloud's hairpin; Horovod probes every address a host has)."""
+        port = self.ports.get(fip.get("port_id") or "")
+        s = self.servers.get(port["device_id"]) if port else None
+        host = self._lab_host(s) if s else None
+        if not host:
+            return
+        addr = fip["floating_ip_address"] + "/32"
+        peers = [["-n", h["netns"]] for h in self.hosts if h is not host]
+        if on:
+            cmds = [["ip", "-n", host["netns"], "addr", "add", addr, "dev", "eth0"],
+                    *(["ip", *ns, "route", "replace", addr, "via", host["address"]] for ns in [[], *peers])]
+        else:
+            cmds = [*(["ip", *ns, "route", "del", addr] for ns in [[], *peers]),
+                    ["ip", "-n", host["netns"], "addr", "del", addr, "dev", "eth0"]]
+        for c in cmds:
+            subprocess.run(c, capture_output=True)
+
     def _associate(self, fip, port_id, error=None):
         """Point a floating IP at a port (or at nothing)."""
+        if fip.get("port_id"):
+            self._route(fip, False)
         if port_id is None:
             fip.update(port_id=None, fixed_ip_address=None, router_id=None, status="DOWN")
         else:
@@ -1791,6 +1822,7 @@ class OpenStackEmulator:
                                     f"fixed IP already has a floating IP on external network {self.public_net}.")
             fip.update(port_id=port_id, fixed_ip_address=port["fixed_ips"][0]["ip_address"],
                        router_id=self.router_id, status="ACTIVE")
+            self._route(fip, True)
         self._stamp(fip)
 
     def h_fip_create(self, req):
@@ -1836,7 +1868,9 @@ class OpenStackEmulator:
         return 200, {"floatingip": self._neutron_view("floatingips", fip)}
 
     def h_fip_delete(self, req, fid):
-        self._neutron_item("floatingips", fid)
+        fip = self._neutron_item("floatingips", fid)
+        if fip.get("port_id"):
+            self._associate(fip, None)
         del self.floating_ips[fid]
         return 204, None
 

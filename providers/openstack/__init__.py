@@ -473,12 +473,18 @@ class OpenStackProvider:
         hosts, known = [], []
         user = self.setting("user") or "root"
         for s in servers:
-            addr = floating.get(s["id"]) or self._address(s, network)[0]
+            fixed = self._address(s, network)[1]
+            addr = floating.get(s["id"]) or fixed
             if not addr:
                 raise ProviderError(f"server {s['name']} has no IPv4 address on {network['name']}")
-            known += self._host_keys(s, addr)
-            hosts.append({"name": s["name"], "address": addr, "slots": offer.slots, "user": user,
-                          **({"gpu_model": offer.gpu_model} if offer.gpus else {})})
+            keys = self._host_keys(s, addr)
+            known += keys
+            host = {"name": s["name"], "address": addr, "slots": offer.slots, "user": user,
+                    **({"gpu_model": offer.gpu_model} if offer.gpus else {})}
+            if fixed and fixed != addr:  # the servers reach each other on the network, not by floating IPs
+                host["internal_address"] = fixed
+                known += [f"{fixed} {k.split(' ', 1)[1]}" for k in keys]
+            hosts.append(host)
         (d / "known_hosts").write_text("\n".join(known) + "\n")
         inv = {"instance_type": offer.instance_type, "user": user, "key": str(d / "id_ed25519"),
                "known_hosts": str(d / "known_hosts"), "workdir": self.setting("workdir"),

@@ -9,7 +9,8 @@ Horovod versions match this harness. Launch runs ``horovodrun --gloo`` on the fi
 any cluster) over SSH to the others; every hop verifies host keys against the inventory's known_hosts.
 
 Inventory (keys at the top are defaults for every host; a host may override user, port, slots, labels,
-gpu_model, price_per_hour)::
+gpu_model, price_per_hour; ``internal_address`` is how the other hosts reach it when that differs from
+``address``, e.g. a cloud's fixed address behind a floating IP: Horovod and the head's ssh use it)::
 
     key: ~/.ssh/id_ed25519          # private key; loaded into a per-launch ssh-agent forwarded to the head
     known_hosts: ~/.ssh/known_hosts  # host keys are checked against it (never trust-on-first-use)
@@ -56,7 +57,8 @@ ROOT = Path(__file__).resolve().parents[2]  # the checkout this harness runs fro
 PACKAGES = ("gan", "harness", "providers")
 TOP_KEYS = {"hosts", "key", "known_hosts", "user", "port", "python", "workdir", "lease_dir", "deploy",
             "instance_type", "currency", "slots", "gpu_model", "price_per_hour", "labels"}
-HOST_KEYS = {"name", "address", "user", "port", "slots", "labels", "gpu_model", "price_per_hour"}
+HOST_KEYS = {"name", "address", "internal_address", "user", "port", "slots", "labels", "gpu_model",
+             "price_per_hour"}
 DEPLOY_MODES = ("auto", "shared", "copy")
 SSH_OPTS = ("-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
             "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3", "-o", "LogLevel=ERROR")
@@ -72,6 +74,8 @@ class Host:
     labels: tuple = ()
     gpu_model: Optional[str] = None
     price_per_hour: Optional[float] = None
+    internal_address: Optional[str] = None  # how the other hosts reach it (a cloud's fixed address behind a
+    # floating IP); default: address
 
     @property
     def where(self):
@@ -148,7 +152,8 @@ def load_inventory(path) -> Inventory:
                           port=_positive_int(v["port"], f"hosts[{i}].port", p),
                           slots=_positive_int(v["slots"], f"hosts[{i}].slots", p),
                           labels=tuple(sorted((str(a), str(b)) for a, b in dict(v["labels"]).items())),
-                          gpu_model=v["gpu_model"], price_per_hour=price))
+                          gpu_model=v["gpu_model"], price_per_hour=price,
+                          internal_address=str(v["internal_address"]) if v.get("internal_address") else None))
     key = doc.get("key")
     if key:
         key = os.path.expanduser(str(key))
@@ -390,7 +395,7 @@ class SSHProvider:
             port = srv.stdout.readline().strip()
             if not port.isdigit():
                 raise ProviderError(f"link probe on host {b.where} did not start: {srv.stderr.read()[-300:]}")
-            out = self.remote(a, f"{py} -c {shlex.quote(LINK_CLIENT)} {b.address} {port}", timeout=120).stdout
+            out = self.remote(a, f"{py} -c {shlex.quote(LINK_CLIENT)} {b.internal_address or b.address} {port}", timeout=120).stdout
             return json.loads(out.strip().splitlines()[-1])
         finally:
             try:
@@ -484,7 +489,7 @@ class SSHProvider:
         if job.cpus_per_rank and fleet.device == "cpu":
             trainer += ["--cpus-per-rank", str(job.cpus_per_rank)]
         hvd = [d["python"], "-m", "horovod.runner.launch", "-np", str(job.ranks), "--gloo", "--start-timeout", "120",
-               "-H", ",".join(f"{n.address}:{k}" for n, k in place)]
+               "-H", ",".join(f"{self.inv.host(n.name).internal_address or n.address}:{k}" for n, k in place)]
         if head.port != 22:
             hvd += ["-p", str(head.port)]
         env = {ENV_TAG: job.run_id, ENV_OWNER: self.owner, "PYTHONPATH": d["pythonpath"],
