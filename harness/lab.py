@@ -265,15 +265,17 @@ def _write_clouds_yaml(d, info):
     import yaml
 
     c = info["credentials"]
-    common = {"region_name": info["region"], "interface": "public", "identity_api_version": 3,
-              "cloudbench": {"profile": "lab"}}
+    def common():  # a fresh mapping per entry (a shared one would be written as a YAML anchor)
+        return {"region_name": info["region"], "interface": "public", "identity_api_version": 3,
+                "cloudbench": {"profile": "lab"}}
+
     doc = {"clouds": {
         CLOUD_NAME: {"auth": {"auth_url": info["auth_url"], "username": c["user"], "password": c["password"],
                               "project_name": c["project"], "user_domain_name": c["domain"],
-                              "project_domain_name": c["domain"]}, **common},
+                              "project_domain_name": c["domain"]}, **common()},
         CLOUD_NAME + "-appcred": {"auth_type": "v3applicationcredential", "auth": {
             "auth_url": info["auth_url"], "application_credential_id": c["app_cred_id"],
-            "application_credential_secret": c["app_cred_secret"]}, **common}}}
+            "application_credential_secret": c["app_cred_secret"]}, **common()}}}
     path = d / "clouds.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     path.chmod(0o600)  # it holds the (lab-only) password and secret

@@ -61,7 +61,10 @@ def environment():
 
 
 def choose_offering(plan: hplan.RunPlan, provider):
-    """The offering the plan names (--instance-type), or the provider's first."""
+    """The offering the plan names (--instance-type), the provider's own choice for the plan's GPU count
+    (providers that pick a shape, e.g. openstack), or the provider's first."""
+    if plan.gpus and hasattr(provider, "shapes"):
+        return provider.shapes(plan.gpus, plan.instance_type)[0][0]
     offers = provider.offerings()
     if not offers:
         raise CloudbenchError(f"provider {plan.provider} offers no instance type")

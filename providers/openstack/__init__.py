@@ -171,7 +171,7 @@ class OpenStackProvider:
 
     def offerings(self):
         """Flavors as offerings: GPU flavors (slots = GPUs) unless device=cpu, CPU flavors (slots = vCPUs) when
-        device=cpu or the cloud has no GPU flavor; larger first, so one server is preferred to several."""
+        device=cpu or the cloud has no GPU flavor; in the `flavors` setting's order when there is one."""
         mapping = self.setting("gpu_flavors") or {}
         prices = self.setting("prices") or {}
         gpu, cpu = [], []
@@ -188,7 +188,10 @@ class OpenStackProvider:
         allowed = osconfig.as_list(self.setting("flavors"))
         if allowed:
             chosen = [o for name in allowed for o in gpu + cpu if o.instance_type == name]
-        return sorted(chosen, key=lambda o: (-o.slots, o.instance_type)) if not allowed else chosen
+        if allowed:
+            return chosen
+        # GPU flavors: the biggest first (one 8-GPU server beats eight 1-GPU ones); CPU flavors: the smallest.
+        return sorted(chosen, key=lambda o: (-o.slots if o.gpus else o.slots, o.instance_type))
 
     def shapes(self, slots, instance_type=None):
         """Ordered (offering, servers) the plan allows for ``slots`` ranks: the named flavor, or the flavors

@@ -97,10 +97,15 @@ class Cloud:
 
 
 def clouds_yaml_paths():
+    """openstacksdk's search order, then the clouds.yaml of running labs (`cloudbench lab up --emulate
+    openstack`; the lab named ``lab`` first), so `--cloud cloudbench-lab` works with no variable set."""
     env = os.environ.get("OS_CLIENT_CONFIG_FILE")
     paths = [Path(env)] if env else []
+    from harness.lab import STATE_ROOT
+
+    labs = sorted(STATE_ROOT.glob("*/clouds.yaml"), key=lambda p: (p.parent.name != "lab", p.parent.name))
     return paths + [Path("clouds.yaml"), Path.home() / ".config/openstack/clouds.yaml",
-                    Path("/etc/openstack/clouds.yaml")]
+                    Path("/etc/openstack/clouds.yaml"), *labs]
 
 
 def _read_clouds(name):
