@@ -113,7 +113,7 @@ def leftovers(cloud, run_id=None):
     """Every resource the emulator still holds (of one run when given), by kind."""
     st = emulator(cloud, "state")
     out = {}
-    for kind in ("servers", "ports", "floatingips", "security_groups", "keypairs"):
+    for kind in ("servers", "ports", "floating_ips", "security_groups", "keypairs"):
         items = st.get(kind) or []
         if run_id:
             items = [x for x in items if run_id in json.dumps(x)]
@@ -130,7 +130,7 @@ def clean(cloud):
     assert not leftovers(cloud), leftovers(cloud)
 
 
-FAULTS = ("quota", "no_valid_host", "server_error", "rate_limit", "internal_error", "slow_build")
+FAULTS = ("quota", "no_valid_host", "server_error", "rate_limit", "internal_error", "lost_answer", "slow_build")
 
 
 def provision(run_id, tmp_path, slots=2, **options):
@@ -195,10 +195,26 @@ def test_no_valid_host_tries_the_next_flavor_and_a_server_in_error_is_replaced(c
         first = p.shapes(2)[0][0].instance_type
         assert fleet.instance_type != first  # the first flavor had no valid host: the next one was used
         assert extra["replaced_servers"] == 1 and len(fleet.nodes) == 2
-        assert emulator(clean, "faults").get("rate_limit", 0) == 0  # the 429s and 500s were retried through
+        armed = emulator(clean, "faults")["faults"]
+        assert armed.get("rate_limit", 0) == armed.get("internal_error", 0) == 0  # all answered and retried
     finally:
         gone = p.teardown("osfault1", fleet)
     assert {r.kind for r in gone} >= {"server", "security_group", "keypair"}
+    assert not leftovers(clean)
+
+
+@root_only
+def test_creates_whose_answer_was_lost_are_adopted_never_made_twice(clean, tmp_path):
+    emulator(clean, "faults", {"lost_answer": 1000})  # every create is carried out, then answered 504
+    p, fleet, _ = provision("oslost1", tmp_path, floating_ip_pool="public")
+    try:
+        st = emulator(clean, "state")
+        assert len(st["servers"]) == 2 and len(st["floating_ips"]) == 2 and len(st["keypairs"]) == 1
+        assert [g["rules"] for g in st["security_groups"]] == [4]  # 2 egress defaults + SSH + members
+        assert emulator(clean, "faults")["faults"].get("lost_answer", 0) < 1000
+    finally:
+        emulator(clean, "faults", {"lost_answer": 0})
+        p.teardown("oslost1", fleet)
     assert not leftovers(clean)
 
 
@@ -269,7 +285,8 @@ def test_terraform_provisioner_gets_the_cloud_settings_and_fails_cleanly_offline
     with pytest.raises(Exception, match="(?i)terraform") as e:
         provision("ostf1", tmp_path, provisioner="terraform")
     tfvars = json.loads((tmp_path / "terraform" / "terraform.tfvars.json").read_text())
-    assert tfvars["flavor"] == "lab.cpu" and tfvars["network"] == "lab-net" and tfvars["image"] == "cloudbench-lab"
+    assert tfvars["flavor"] == "lab.cpu" and tfvars["network"] == "lab-net" and tfvars["owner"]
+    assert tfvars["image"] == OpenStackProvider(cloud="cloudbench-lab")._image().id  # by id: names repeat
     assert tfvars["instance_count"] == 2 and tfvars["public_key"].startswith("ssh-ed25519"), tfvars
     assert "init" in str(e.value) or "provider" in str(e.value)
     assert not leftovers(clean)

@@ -66,7 +66,7 @@ def test_modules_parse_and_declare_what_the_harness_passes_and_reads():
             "user"} <= set(lab_vars)
     assert lab_vars["user"]["default"] == "root"
     assert {"cloud", "run_id", "instance_count", "flavor", "image", "public_key", "network", "floating_ip_pool",
-            "ssh_cidr", "availability_zone", "slots_per_instance", "ssh_user"} == set(os_vars)
+            "ssh_cidr", "availability_zone", "slots_per_instance", "ssh_user", "owner"} == set(os_vars)
     assert os_vars["floating_ip_pool"]["default"] == "" and os_vars["ssh_user"]["default"] == "root"
     assert os_vars["availability_zone"]["default"] is None
     for m in ("lab", "openstack"):
@@ -76,10 +76,17 @@ def test_modules_parse_and_declare_what_the_harness_passes_and_reads():
     assert set(blocks("lab", "resource")) == {"terraform_data"}
     res = blocks("openstack", "resource")
     assert {"openstack_compute_keypair_v2", "openstack_networking_secgroup_v2", "openstack_networking_secgroup_rule_v2",
-            "openstack_compute_instance_v2", "openstack_networking_floatingip_v2",
+            "openstack_networking_port_v2", "openstack_compute_instance_v2", "openstack_networking_floatingip_v2",
             "openstack_networking_floatingip_associate_v2"} == set(res)
     node = res["openstack_compute_instance_v2"]["node"]
-    assert node["metadata"] == {"cloudbench-run": "${var.run_id}"} and node["count"] == "${var.instance_count}"
+    assert node["metadata"] == {"cloudbench-run": "${var.run_id}", "cloudbench-owner": "${var.owner}"}
+    assert node["count"] == "${var.instance_count}" and node["image_id"] == "${var.image}"
+    # floating IPs go on the run's own ports (an instance's network[0].port is empty for a network by name)
+    port = res["openstack_networking_port_v2"]["node"]
+    assert node["network"] == [{"port": "${openstack_networking_port_v2.node[count.index].id}"}]
+    assert res["openstack_networking_floatingip_associate_v2"]["node"]["port_id"] == node["network"][0]["port"]
+    assert port["description"] == "${local.tag}" and port["count"] == "${var.instance_count}"
+    assert "internal_address" in blocks("openstack", "output")["hosts"]["value"]
     assert res["openstack_networking_floatingip_v2"]["node"]["count"] == "${local.floating_ips}"
     assert res["openstack_networking_floatingip_v2"]["node"]["description"] == "${local.tag}"
     local = load(MODULES / "openstack" / "main.tf")["locals"][0]

@@ -27,7 +27,7 @@ every lab host taken, goes ERROR with Nova's "No valid host" fault. GPU flavors 
 core: "g1.lab" (pci_passthrough:alias) and "g2.lab" (resources:VGPU) have as many GPUs as a host has slots.
 
 Fault switches (``POST /_emulator/faults`` with {name: count}; 0 disarms; ``GET`` shows what is armed):
-quota, no_valid_host, server_error, rate_limit, internal_error, slow_build (see FAULTS below). rate_limit
+quota, no_valid_host, server_error, rate_limit, internal_error, lost_answer, slow_build (FAULTS below). rate_limit
 and internal_error hit every API request (Keystone's included), never /_emulator/*. Quotas: the constructor's
 ``quota`` and ``POST /_emulator/quota`` ({"instances": 1, ...}; -1 is unlimited). ``GET /_emulator/state``
 lists every resource ("empty" is true when nothing is left); ``POST /_emulator/reset`` deletes everything,
@@ -89,6 +89,7 @@ FAULTS = {
                     "allocate the network(s), not rescheduling.'",
     "rate_limit": "the next N API requests answer 429 with Retry-After: 1",
     "internal_error": "the next N API requests answer 500",
+    "lost_answer": "the next N create requests (POST) are carried out but answered 504 Gateway Timeout",
     "slow_build": "servers created while armed stay in BUILD that many seconds: {\"slow_build\": S} until "
                   "disarmed with 0, or {\"slow_build\": {\"seconds\": S, \"count\": N}} for the next N servers",
 }
@@ -539,6 +540,11 @@ class OpenStackEmulator:
                 if not path.startswith("/_emulator"):
                     self._injected_faults(req)
                 status, body, more = self._dispatch(req)
+                creates = method == "POST" and status in (200, 201, 202) and not path.endswith("/action")
+                if creates and not path.startswith(("/_emulator", "/identity")) and self._take("lost_answer"):
+                    # Carried out, but the answer never arrived (a proxy timed out): a client that simply
+                    # retries makes the thing twice.
+                    raise _error_for(req.service, 504, "Gateway Timeout", "The server didn't respond in time.")
         except ApiError as e:
             status, body, more = e.status, e.body, e.headers
         except Exception:  # noqa: BLE001 (an emulator bug must still answer, as a 500)
@@ -1137,7 +1143,7 @@ class OpenStackEmulator:
         text = path.read_text() if path.exists() else ""
         if text and not text.endswith("\n"):
             text += "\n"
-        path.write_text(text + f"{kind} {blob} {KEY_MARK}{s['id']}\n")
+        _write_atomic(path, text + f"{kind} {blob} {KEY_MARK}{s['id']}\n")
 
     @staticmethod
     def _unauthorize(host, sid):
@@ -1150,7 +1156,7 @@ class OpenStackEmulator:
         mark = KEY_MARK + (sid or "")
         kept = [ln for ln in lines if not (ln.rstrip().endswith(mark) if sid else mark in ln)]
         if kept != lines:
-            path.write_text("".join(kept))
+            _write_atomic(path, "".join(kept))
 
     @staticmethod
     def _kill_sessions(host):
@@ -1174,13 +1180,13 @@ class OpenStackEmulator:
         if host:
             self._unauthorize(host, s["id"])
             self._kill_sessions(host)
+        port = self.ports.get(s["port_id"] or "")
+        if port and port["device_id"] == s["id"]:
+            self._delete_port(port["id"])  # while the server still has its host: floating IP routes go too
+        s["port_id"] = None
         if s["address"] and self.hosts is None:
             self._virtual.pop(s["address"], None)
         s["host"] = s["address"] = None
-        port = self.ports.get(s["port_id"] or "")
-        if port and port["device_id"] == s["id"]:
-            self._delete_port(port["id"])
-        s["port_id"] = None
 
     def h_server_delete(self, req, sid):
         self._delete_server(self._server(sid))
@@ -1959,6 +1965,13 @@ class OpenStackEmulator:
     def h_emu_reset(self, req):
         self.reset()
         return 200, self.state()
+
+
+def _write_atomic(path, text):
+    """Replace a file in one step (sshd may read authorized_keys at any moment)."""
+    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.{threading.get_ident()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 class _Handler(BaseHTTPRequestHandler):

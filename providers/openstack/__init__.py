@@ -37,6 +37,7 @@ from providers.ssh import SSHProvider
 log = logging.getLogger("cloudbench")
 OWNER_KEY = "cloudbench-owner"
 NO_VALID_HOST = ("no valid host", "not enough hosts available", "insufficient capacity")
+RUN_ID = re.compile(r"\d{8}-\d{6}-[a-z0-9_.-]+-[0-9a-f]{4}")  # harness.results.new_run_id
 HOST_KEYS = re.compile(r"-----BEGIN SSH HOST KEY KEYS-----(.*?)-----END SSH HOST KEY KEYS-----", re.S)
 
 
@@ -44,8 +45,23 @@ class CapacityError(ProviderError):
     """The cloud has no room for this (flavor, zone): the next one the plan allows may have."""
 
 
+class ApiError(ProviderError):
+    """An OpenStack API call failed; ``code`` is the HTTP status (None: no answer)."""
+
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        self.code = code
+
+
+UNRESOLVED = ("name or service not known", "temporary failure in name resolution", "nodename nor servname",
+              "no address associated")
+
+
 class Api:
-    """The libcloud driver, with every call retried on 429/5xx/connection errors until a deadline."""
+    """The libcloud driver, with calls retried on 429/5xx/connection errors until a deadline.
+
+    A request that creates something (POST) may have been carried out even when its answer was a 5xx or a
+    timeout: it is retried only after ``find()`` says the thing does not exist (else that is returned)."""
 
     def __init__(self, cloud: osconfig.Cloud):
         self.cloud = cloud
@@ -62,7 +78,7 @@ class Api:
             cls = get_driver(LibcloudProvider.OPENSTACK)
             base = re.sub(r"/v3/?$", "", c.auth_url.rstrip("/"))
             kw = {"ex_force_auth_url": base, "ex_force_service_region": c.region, "api_version": "2.0",
-                  "ex_domain_name": c.user_domain}
+                  "ex_domain_name": c.user_domain, "ex_tenant_domain_id": c.project_domain_id}
             if c.auth_type == "application_credential":
                 self._driver = cls(c.app_cred_id, c.app_cred_secret, ex_force_auth_version="3.x_appcred", **kw)
             else:
@@ -70,45 +86,68 @@ class Api:
                                    ex_tenant_name=c.project_name, **kw)
         return self._driver
 
-    def call(self, what, fn):
-        from libcloud.common.types import InvalidCredsError
+    def call(self, what, fn, find=None):
+        from libcloud.common.types import InvalidCredsError, LibcloudError
 
         t0, delay = time.monotonic(), 1.0
+        c = self.cloud
         while True:
             try:
                 return fn()
             except InvalidCredsError as e:
-                c = self.cloud
-                raise ProviderError(f"OpenStack authentication failed at {c.auth_url} (cloud {c.name}, {c.source}, "
-                                    f"{c.auth_type}): {e}") from None
+                raise ApiError(f"OpenStack authentication failed at {c.auth_url} (cloud {c.name}, {c.source}, "
+                               f"{c.auth_type}): {e}", 401) from None
             except Exception as e:  # noqa: BLE001 (classified below; anything else propagates)
                 code = getattr(e, "code", None)
                 if code is None:  # a failed Keystone call: MalformedResponseError "code: N body: ..."
                     m = re.search(r"code: (\d{3})", str(getattr(e, "body", "")))
                     code = int(m.group(1)) if m else None
-                transient = code == 429 or (isinstance(code, int) and 500 <= code < 600) or isinstance(
-                    e, (ConnectionError, socket.timeout, TimeoutError)) or type(e).__name__ in (
+                text = str(getattr(e, "message", None) or e)
+                if any(u in text.lower() for u in UNRESOLVED):
+                    raise ApiError(f"OpenStack {what}: cannot resolve the cloud's host ({text}); check auth_url "
+                                   f"{c.auth_url} of cloud {c.name} ({c.source})") from None
+                network = isinstance(e, (ConnectionError, socket.timeout, TimeoutError)) or type(e).__name__ in (
                     "ConnectionError", "ReadTimeout", "ConnectTimeout")
+                transient = code == 429 or (isinstance(code, int) and 500 <= code < 600) or network
                 if not transient:
+                    if code is None and isinstance(e, (LibcloudError, ValueError)):  # catalog and endpoint trouble
+                        raise ApiError(f"OpenStack {what}: {text} (cloud {c.name}, region {c.region}: does its "
+                                       "catalog have compute, network and image endpoints in that region?)") from None
                     if code is None and not hasattr(e, "message"):
                         raise
-                    raise ProviderError(f"OpenStack {what}: {getattr(e, 'message', None) or e}") from None
+                    raise ApiError(f"OpenStack {what}: {text}", code) from None
+                if find is not None and code != 429:
+                    found = find()  # carried out after all? then it must not be made twice
+                    if found is not None:
+                        log.info("OpenStack %s answered %s but was carried out; using it", what, code or "nothing")
+                        return found
                 wait = getattr(e, "retry_after", 0) or delay
                 if time.monotonic() - t0 + wait > self.deadline:
-                    raise ProviderError(f"OpenStack {what}: the cloud still answers "
-                                        f"{code or type(e).__name__} after {self.deadline:.0f} s of retries "
-                                        f"({getattr(e, 'message', None) or e})") from None
+                    raise ApiError(f"OpenStack {what}: the cloud still answers {code or type(e).__name__} after "
+                                   f"{self.deadline:.0f} s of retries ({text})", code) from None
                 log.info("OpenStack %s: %s, retrying in %.0f s", what, code or type(e).__name__, wait)
                 time.sleep(wait)
                 delay = min(delay * 2, 30)
 
-    def compute(self, path, method="GET", data=None, headers=None):
+    def compute(self, path, method="GET", data=None, headers=None, find=None):
         return self.call(f"{method} {path}", lambda: self.driver.connection.request(
-            path, method=method, data=data if data is not None else "", headers=headers).object)
+            path, method=method, data=data if data is not None else "", headers=headers).object, find)
 
-    def network(self, path, method="GET", data=None):
+    def network(self, path, method="GET", data=None, find=None):
         return self.call(f"{method} {path}", lambda: self.driver.network_connection.request(
-            "/v2.0" + path, method=method, data=data if data is not None else "").object)
+            "/v2.0" + path, method=method, data=data if data is not None else "").object, find)
+
+    def listing(self, service, path, key):
+        """Every item of a Nova or Neutron list, page after page (limit/marker)."""
+        get = self.compute if service == "compute" else self.network
+        out, marker, limit = [], None, 500
+        sep = "&" if "?" in path else "?"
+        while True:
+            page = (get(f"{path}{sep}limit={limit}" + (f"&marker={marker}" if marker else "")) or {}).get(key, [])
+            out += page
+            if len(page) < limit or not page:
+                return out
+            marker = page[-1]["id"]
 
 
 class OpenStackProvider:
@@ -158,7 +197,12 @@ class OpenStackProvider:
     # -- flavors ----------------------------------------------------------------------------------
     def flavors(self):
         """Every flavor with its extra specs (microversion 2.61 carries them in the listing)."""
-        doc = self.api.compute("/flavors/detail", headers={"X-OpenStack-Nova-API-Version": "2.61"})
+        try:
+            doc = self.api.compute("/flavors/detail", headers={"X-OpenStack-Nova-API-Version": "2.61"})
+        except ApiError as e:
+            if e.code not in (400, 406):  # a Nova older than 2.61 refuses the microversion
+                raise
+            doc = self.api.compute("/flavors/detail")
         out = []
         for f in doc.get("flavors", []):
             specs = f.get("extra_specs")
@@ -295,8 +339,8 @@ class OpenStackProvider:
         name = f"cb-{run}"
         try:
             self.api.compute("/os-keypairs", "POST", {"keypair": {"name": name, "public_key": pub}})
-        except ProviderError as e:
-            if "already exists" not in str(e) and "409" not in str(e):
+        except ApiError as e:
+            if e.code != 409:  # 409: made by an earlier attempt of this run (resume, or a lost answer)
                 raise
         return name
 
@@ -315,21 +359,37 @@ class OpenStackProvider:
             target = socket.gethostbyname(urlparse(self.cloud.auth_url).hostname)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.connect((target, 22))
-            return s.getsockname()[0] + "/32"
+            mine = s.getsockname()[0]
+        import ipaddress
+
+        if self.setting("floating_ip_pool") and ipaddress.ip_address(mine).is_private and \
+                not ipaddress.ip_address(target).is_private:
+            raise PlanError("ssh_cidr", None, f"the public address the cloud sees this machine as (this machine is "
+                                              f"{mine}, behind NAT towards {target}): --option ssh_cidr=A.B.C.D/32")
+        return mine + "/32"
 
     def _security_group(self, run, network):
         name = f"cb-{run}"
-        found = self.api.network(f"/security-groups?name={name}").get("security_groups", [])
+
+        def find():
+            found = self.api.network(f"/security-groups?name={name}").get("security_groups", [])
+            return {"security_group": found[0]} if found else None
+
+        found = find()
         if found:
-            return found[0]
+            return found["security_group"]
         sg = self.api.network("/security-groups", "POST", {"security_group": {
-            "name": name, "description": f"{TAG}={run} owner={self.owner}"}})["security_group"]
+            "name": name, "description": f"{TAG}={run} owner={self.owner}"}}, find=find)["security_group"]
         rules = [{"protocol": "tcp", "port_range_min": 22, "port_range_max": 22,
                   "remote_ip_prefix": self._caller_cidr(network)},
                  {"remote_group_id": sg["id"]}]  # all protocols and ports between members (Horovod, Gloo)
         for r in rules:
-            self.api.network("/security-group-rules", "POST", {"security_group_rule": {
-                "direction": "ingress", "ethertype": "IPv4", "security_group_id": sg["id"], **r}})
+            try:
+                self.api.network("/security-group-rules", "POST", {"security_group_rule": {
+                    "direction": "ingress", "ethertype": "IPv4", "security_group_id": sg["id"], **r}})
+            except ApiError as e:
+                if e.code != 409:  # 409: the rule exists (an earlier attempt whose answer was lost)
+                    raise
         return sg
 
     def _check_quota(self, offer, n):
@@ -357,20 +417,21 @@ class OpenStackProvider:
         body = {"server": {"name": name, "flavorRef": next(f["id"] for f in self._flavor_cache()
                                                           if f["name"] == offer.instance_type),
                            "imageRef": image.id, "key_name": key, "networks": [{"uuid": network["id"]}],
-                           "security_groups": [{"name": sg["name"]}],
+                           "security_groups": [{"name": sg["id"]}],  # by id: names need not be unique
                            "metadata": {TAG: run, OWNER_KEY: self.owner}}}
         if zone:
             body["server"]["availability_zone"] = zone
+
+        def find():  # a create whose answer was lost may still have made the server: adopt it, never make two
+            same = [x for x in self._tagged_servers(run) if x["name"] == name]
+            return {"server": same[0]} if same else None
+
         try:
-            return self.api.compute("/servers", "POST", body)["server"]["id"]
-        except ProviderError as e:
-            # A create whose answer was lost may still have made the server: adopt it rather than make two.
-            for s in self._tagged_servers(run):
-                if s["name"] == name:
-                    return s["id"]
-            if "quota" in str(e).lower():
-                raise ProviderError(f"quota exceeded on cloud {self.cloud.name} creating {name} "
-                                    f"({offer.instance_type}): {e}") from None
+            return self.api.compute("/servers", "POST", body, find=find)["server"]["id"]
+        except ApiError as e:
+            if e.code == 403 and "quota" in str(e).lower():
+                raise ApiError(f"quota exceeded on cloud {self.cloud.name} creating {name} "
+                               f"({offer.instance_type}): {e}", 403) from None
             raise
 
     def _servers(self, run, offer, n, zone, image, network, key, sg):
@@ -389,11 +450,13 @@ class OpenStackProvider:
                 if status == "ACTIVE":
                     active[i] = s
                     continue
-                stuck = status == "BUILD" and time.monotonic() - started[i] > timeout
-                if status not in ("ERROR", "GONE") and not stuck:
+                # BUILD (and any other transitional state) may last build_timeout; ERROR, SHUTOFF, a server that
+                # vanished or anything else that is not on its way to ACTIVE fails at once.
+                stuck = time.monotonic() - started[i] > timeout
+                if status in ("BUILD", "REBUILD", "HARD_REBOOT", "REBOOT", "MIGRATING") and not stuck:
                     continue
-                fault = ((s or {}).get("fault") or {}).get("message") or ("stuck in BUILD for "
-                                                                          f"{timeout:.0f} s" if stuck else status)
+                fault = ((s or {}).get("fault") or {}).get("message") or (
+                    f"still {status} after {timeout:.0f} s" if stuck else f"went {status}")
                 self._delete_servers([sid])
                 if any(x in fault.lower() for x in NO_VALID_HOST):
                     self._delete_servers(list(ids.values()))
@@ -414,7 +477,10 @@ class OpenStackProvider:
             time.sleep(1.0)
 
     def _tagged_servers(self, run=None):
-        servers = self.api.compute("/servers/detail").get("servers", [])
+        """The project's servers tagged with the run (any run: None), every page, named cb-... (Nova's name
+        filter is a regular expression)."""
+        servers = self.api.listing("compute", f"/servers/detail?name=^cb-{re.escape(run) + '-' if run else ''}",
+                                   "servers")
         return [s for s in servers if (s.get("metadata") or {}).get(TAG) and
                 (run is None or s["metadata"][TAG] == run)]
 
@@ -437,9 +503,14 @@ class OpenStackProvider:
             ports = self.api.network(f"/ports?device_id={s['id']}").get("ports", [])
             if not ports:
                 raise ProviderError(f"server {s['name']} has no port to attach a floating IP to")
+            def find(port=ports[0]["id"]):
+                mine = [f for f in self.api.listing("network", "/floatingips", "floatingips")
+                        if f.get("port_id") == port and f.get("description") == f"{TAG}={run}"]
+                return {"floatingip": mine[0]} if mine else None
+
             fip = self.api.network("/floatingips", "POST", {"floatingip": {
                 "floating_network_id": pool["id"], "port_id": ports[0]["id"],
-                "description": f"{TAG}={run}"}})["floatingip"]
+                "description": f"{TAG}={run}"}}, find=find)["floatingip"]
             out[s["id"]] = fip["floating_ip_address"]
         return out
 
@@ -560,16 +631,20 @@ class OpenStackProvider:
         key pair. Found by tag and name in the cloud, so it works without any record and is safe to repeat."""
         gone = []
         if self.setting("provisioner", "sdk") == "terraform" or (fleet and dict(fleet.extra).get("tf_dir")):
-            gone += self._terraform().teardown(run_id, fleet)  # then the tag sweep below catches what it missed
+            try:
+                gone += self._terraform().teardown(run_id, fleet)
+            except CloudbenchError as e:  # the tag sweep below still removes what terraform made
+                log.warning("openstack: terraform destroy failed (%s); deleting the run's resources by tag", e)
         inv = Path(dict(fleet.extra).get("state_dir", "")) / "inventory.yaml" if fleet else None
         if inv and inv.is_file() and fleet.nodes:
             try:  # stop the trainers first (a VM deletion would too; this also ends their ssh sessions now)
                 self._ssh_for(run_id, inv.parent)._stop_run(list(self._ssh[run_id].inv.hosts), run_id, quiet=True)
             except CloudbenchError as e:
                 log.warning("openstack: could not stop the run's processes before deleting servers: %s", e)
-        for fip in self.api.network("/floatingips").get("floatingips", []):
-            if fip.get("description") == f"{TAG}={run_id}":
-                self.api.network(f"/floatingips/{fip['id']}", "DELETE")
+        tag = f"{TAG}={run_id}"
+        for fip in self.api.listing("network", "/floatingips", "floatingips"):
+            if fip.get("description") == tag:
+                self._ignore_missing(lambda: self.api.network(f"/floatingips/{fip['id']}", "DELETE"))
                 gone.append(Resource(kind="floating_ip", id=fip["id"], run_id=run_id,
                                      detail=fip.get("floating_ip_address", "")))
         servers = self._tagged_servers(run_id)
@@ -577,11 +652,13 @@ class OpenStackProvider:
         self._delete_servers(ids, wait=True)
         gone += [Resource(kind="server", id=s["id"], run_id=run_id, detail=s["name"]) for s in servers]
         prefix = f"cb-{run_id}"
-        for p in self.api.network("/ports").get("ports", []):
+        for p in self.api.listing("network", "/ports", "ports"):
             if p.get("device_id") in ids or p.get("name", "").startswith(prefix + "-"):
                 self._ignore_missing(lambda: self.api.network(f"/ports/{p['id']}", "DELETE"))
                 gone.append(Resource(kind="port", id=p["id"], run_id=run_id, detail=p.get("name", "")))
         for sg in self.api.network(f"/security-groups?name={prefix}").get("security_groups", []):
+            if (sg.get("description") or "").split(" ")[0] != tag:
+                continue  # named like ours but not made by cloudbench: not ours to delete
             self._delete_security_group(sg)
             gone.append(Resource(kind="security_group", id=sg["id"], run_id=run_id, detail=sg["name"]))
         for kp in self.api.compute("/os-keypairs").get("keypairs", []):
@@ -596,8 +673,8 @@ class OpenStackProvider:
     def _ignore_missing(fn):
         try:
             fn()
-        except ProviderError as e:
-            if "404" not in str(e) and "not found" not in str(e).lower():
+        except ApiError as e:
+            if e.code != 404:
                 raise
 
     def _delete_servers(self, ids, wait=True, timeout=300):
@@ -605,7 +682,7 @@ class OpenStackProvider:
             self._ignore_missing(lambda: self.api.compute(f"/servers/{sid}", "DELETE"))
         deadline = time.monotonic() + timeout
         while wait and ids:
-            left = {s["id"] for s in self.api.compute("/servers/detail").get("servers", [])} & set(ids)
+            left = {s["id"] for s in self.api.listing("compute", "/servers", "servers")} & set(ids)
             if not left:
                 return
             if time.monotonic() > deadline:
@@ -618,8 +695,8 @@ class OpenStackProvider:
         while True:
             try:
                 return self._ignore_missing(lambda: self.api.network(f"/security-groups/{sg['id']}", "DELETE"))
-            except ProviderError as e:  # 409 while a deleted server's port still holds it
-                if "409" not in str(e) and "in use" not in str(e).lower() or time.monotonic() > deadline:
+            except ApiError as e:  # 409 while a deleted server's port still holds it
+                if e.code != 409 or time.monotonic() > deadline:
                     raise
                 time.sleep(1)
 
@@ -641,7 +718,7 @@ class OpenStackProvider:
         for s in servers:
             run = s["metadata"][TAG]
             owners.setdefault(run, s["metadata"].get(OWNER_KEY))
-        for sg in self.api.network("/security-groups").get("security_groups", []):
+        for sg in self.api.listing("network", "/security-groups", "security_groups"):
             m = re.match(rf"{TAG}=(\S+)(?: owner=(\S+))?", sg.get("description") or "")
             if m and sg.get("name") == f"cb-{m.group(1)}":
                 owners.setdefault(m.group(1), m.group(2))
@@ -650,17 +727,19 @@ class OpenStackProvider:
             found.append(Resource(kind="server", id=s["id"], run_id=s["metadata"][TAG],
                                   detail=f"{s['name']} {s.get('status')}"))
         ids = {s["id"]: s["metadata"][TAG] for s in servers}
-        for p in self.api.network("/ports").get("ports", []):
+        for p in self.api.listing("network", "/ports", "ports"):
             if p.get("device_id") in ids:
                 found.append(Resource(kind="port", id=p["id"], run_id=ids[p["device_id"]], detail=p.get("name", "")))
-        for fip in self.api.network("/floatingips").get("floatingips", []):
+        for fip in self.api.listing("network", "/floatingips", "floatingips"):
             m = re.fullmatch(rf"{TAG}=(\S+)", fip.get("description") or "")
             if m:
                 found.append(Resource(kind="floating_ip", id=fip["id"], run_id=m.group(1),
                                       detail=fip.get("floating_ip_address", "")))
+        runs = {r.run_id for r in found}
         for kp in self.api.compute("/os-keypairs").get("keypairs", []):
             name = kp.get("keypair", kp).get("name", "")
-            if name.startswith("cb-"):
+            # Key pairs carry no tag: ours are cb-<run id> of a run id's form, or of a run seen above.
+            if name.startswith("cb-") and (name[3:] in runs or RUN_ID.fullmatch(name[3:])):
                 found.append(Resource(kind="keypair", id=name, run_id=name[3:]))
         return [Resource(**{**r.__dict__, "owner_alive": owner_alive(owners.get(r.run_id))}) for r in found]
 
@@ -679,7 +758,7 @@ class OpenStackProvider:
                 network = self._network()
                 self._keygen(d)
                 var = {"cloud": "" if self.cloud.name == "env" else self.cloud.name, "flavor": offer.instance_type,
-                       "image": self._image().name, "network": network["name"],
+                       "image": self._image().id, "network": network["name"],
                        "floating_ip_pool": self.setting("floating_ip_pool") or "",
                        "ssh_cidr": self._caller_cidr(network)}
                 zones = osconfig.as_list(self.setting("availability_zones"))
@@ -688,13 +767,19 @@ class OpenStackProvider:
 
                 def host_keys(hosts):
                     by_name = {s["name"]: s for s in self._tagged_servers(spec.run_id)}
-                    lines = [k for h in hosts for k in self._host_keys(by_name[h["name"]], h["address"])]
+                    lines = []
+                    for h in hosts:
+                        keys = self._host_keys(by_name[h["name"]], h["address"])
+                        lines += keys + [f"{h['internal_address']} {k.split(' ', 1)[1]}" for k in keys
+                                         if h.get("internal_address") and h["internal_address"] != h["address"]]
                     (d / "known_hosts").write_text("\n".join(lines) + "\n")
 
                 kw = {"key": str(d / "id_ed25519"), "known_hosts": str(d / "known_hosts"),
                       "user": self.setting("user") or "root", "slots": offer.slots, "gpu_model": offer.gpu_model,
                       "instance_type": offer.instance_type, "workdir": self.setting("workdir"),
                       "host_keys": host_keys, **({"python": self.setting("python")} if self.setting("python") else {})}
+            if self.cloud.source != "environment":  # terraform runs elsewhere (-chdir): name the file it is in
+                os.environ["OS_CLIENT_CONFIG_FILE"] = os.path.abspath(self.cloud.source)
             self._tf = TerraformProvider(module="openstack", var=var, **kw)
         return self._tf
 

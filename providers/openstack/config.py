@@ -87,6 +87,7 @@ class Cloud:
     project_id: Optional[str] = None
     user_domain: str = "Default"
     project_domain: str = "Default"
+    project_domain_id: str = "default"  # libcloud scopes the token by the project's domain *id*
     app_cred_id: Optional[str] = None
     app_cred_secret: Optional[str] = None
     settings: dict = field(default_factory=dict)
@@ -149,6 +150,7 @@ def load(cloud=None, options=None) -> Cloud:
                 "project_id": env.get("OS_PROJECT_ID"),
                 "user_domain_name": env.get("OS_USER_DOMAIN_NAME"),
                 "project_domain_name": env.get("OS_PROJECT_DOMAIN_NAME"),
+                "project_domain_id": env.get("OS_PROJECT_DOMAIN_ID"),
                 "application_credential_id": env.get("OS_APPLICATION_CREDENTIAL_ID"),
                 "application_credential_secret": env.get("OS_APPLICATION_CREDENTIAL_SECRET")}
         auth_type = env.get("OS_AUTH_TYPE") or ("application_credential" if auth["application_credential_id"]
@@ -173,13 +175,17 @@ def load(cloud=None, options=None) -> Cloud:
               project_name=auth.get("project_name"), project_id=auth.get("project_id"),
               user_domain=auth.get("user_domain_name") or auth.get("domain_name") or "Default",
               project_domain=auth.get("project_domain_name") or auth.get("domain_name") or "Default",
+              project_domain_id=auth.get("project_domain_id") or auth.get("domain_id") or "default",
               app_cred_id=auth.get("application_credential_id"),
               app_cred_secret=auth.get("application_credential_secret"), settings=merged)
     missing = [k for k, v in (("auth_url", c.auth_url),) if not v]
     if c.auth_type == "password":
         missing += [k for k, v in (("username", c.username), ("password", c.password)) if not v]
-        if not (c.project_name or c.project_id):
+        if not c.project_name:
             missing.append("project_name")
+        if c.project_domain.lower() != "default" and not (auth.get("project_domain_id") or auth.get("domain_id")):
+            raise PlanError(f"auth of cloud {name} ({src})", f"project_domain_name {c.project_domain}",
+                            "project_domain_id as well (the token is scoped by the domain's id)")
     else:
         missing += [k for k, v in (("application_credential_id", c.app_cred_id),
                                    ("application_credential_secret", c.app_cred_secret)) if not v]

@@ -395,7 +395,8 @@ class SSHProvider:
             port = srv.stdout.readline().strip()
             if not port.isdigit():
                 raise ProviderError(f"link probe on host {b.where} did not start: {srv.stderr.read()[-300:]}")
-            out = self.remote(a, f"{py} -c {shlex.quote(LINK_CLIENT)} {b.internal_address or b.address} {port}", timeout=120).stdout
+            out = self.remote(a, f"{py} -c {shlex.quote(LINK_CLIENT)} {b.internal_address or b.address} {port}",
+                              timeout=120).stdout
             return json.loads(out.strip().splitlines()[-1])
         finally:
             try:

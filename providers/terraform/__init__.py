@@ -394,6 +394,8 @@ class TerraformProvider:
         for h in hosts:
             row = {"name": str(h.get("name") or h["address"]), "address": str(h["address"]),
                    "slots": int(h.get("slots") or (1 if self.is_lab else self._slots()))}
+            if h.get("internal_address") and h["internal_address"] != h["address"]:
+                row["internal_address"] = str(h["internal_address"])  # how the hosts reach each other
             if h.get("user"):
                 row["user"] = str(h["user"])
             elif self._opt("user"):

@@ -1,11 +1,14 @@
 # A fleet for one cloudbench run: a keypair, a security group (ssh from the harness only, anything
-# between the run's own instances for Horovod/Gloo), instance_count instances on one network and,
-# if a pool is given, one floating IP each. Everything is named cb-<run_id> and tagged
-# cloudbench-run=<run_id> (metadata on instances, description where there is no metadata).
+# between the run's own instances for Horovod/Gloo), one port and one instance per node on one network
+# and, if a pool is given, one floating IP each (on the port: the instance's own network[0].port is
+# empty when the network is given by name). Everything is named cb-<run_id>... and tagged
+# cloudbench-run=<run_id> (metadata on instances, description elsewhere), with the harness as owner so
+# `cloudbench gc` spares a live run.
 
 locals {
   name         = "cb-${var.run_id}"
   tag          = "cloudbench-run=${var.run_id}"
+  owned        = "cloudbench-run=${var.run_id} owner=${var.owner}"
   floating_ips = var.floating_ip_pool != "" ? var.instance_count : 0
 }
 
@@ -16,7 +19,20 @@ resource "openstack_compute_keypair_v2" "run" {
 
 resource "openstack_networking_secgroup_v2" "run" {
   name        = local.name
-  description = local.tag
+  description = local.owned
+}
+
+data "openstack_networking_network_v2" "run" {
+  name = var.network
+}
+
+resource "openstack_networking_port_v2" "node" {
+  count              = var.instance_count
+  name               = "${local.name}-${count.index}"
+  description        = local.tag
+  network_id         = data.openstack_networking_network_v2.run.id
+  security_group_ids = [openstack_networking_secgroup_v2.run.id]
+  admin_state_up     = true
 }
 
 resource "openstack_networking_secgroup_rule_v2" "ssh" {
@@ -41,18 +57,18 @@ resource "openstack_networking_secgroup_rule_v2" "internal" {
 resource "openstack_compute_instance_v2" "node" {
   count             = var.instance_count
   name              = "${local.name}-${count.index}"
-  image_name        = var.image
+  image_id          = var.image
   flavor_name       = var.flavor
   key_pair          = openstack_compute_keypair_v2.run.name
-  security_groups   = [openstack_networking_secgroup_v2.run.name]
   availability_zone = var.availability_zone
 
   metadata = {
-    cloudbench-run = var.run_id
+    cloudbench-run   = var.run_id
+    cloudbench-owner = var.owner
   }
 
   network {
-    name = var.network
+    port = openstack_networking_port_v2.node[count.index].id
   }
 
   # The rules must exist before the trainer's ranks talk to each other.
@@ -71,5 +87,5 @@ resource "openstack_networking_floatingip_v2" "node" {
 resource "openstack_networking_floatingip_associate_v2" "node" {
   count       = local.floating_ips
   floating_ip = openstack_networking_floatingip_v2.node[count.index].address
-  port_id     = openstack_compute_instance_v2.node[count.index].network[0].port
+  port_id     = openstack_networking_port_v2.node[count.index].id
 }

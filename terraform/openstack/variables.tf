@@ -29,7 +29,7 @@ variable "flavor" {
 }
 
 variable "image" {
-  description = "Image name; it must have the trainer's Python, TensorFlow and Horovod (see harness/setup.sh)."
+  description = "Image id (names need not be unique); it must have the trainer's Python, TensorFlow and Horovod (see harness/setup.sh)."
   type        = string
 }
 
@@ -75,4 +75,10 @@ variable "ssh_user" {
   description = "ssh user of the image."
   type        = string
   default     = "root"
+}
+
+variable "owner" {
+  description = "The harness that made the run (host:pid), recorded so `cloudbench gc` spares a live run."
+  type        = string
+  default     = ""
 }
