@@ -252,19 +252,32 @@ def test_stuck_in_build_is_replaced_then_fails_cleanly_when_replacements_run_out
     assert not leftovers(clean)
 
 
-@root_only
-def test_kill_9_during_provisioning_then_gc_leaves_nothing(clean, tmp_path):
-    # both servers sit in BUILD long enough to kill the harness
-    emulator(clean, "faults", {"slow_build": {"seconds": 60, "count": 2}})
+def start_run_in_build(cloud, tmp_path):
+    """A `cloudbench run` whose two servers sit in BUILD (long enough to interrupt the harness there)."""
+    emulator(cloud, "faults", {"slow_build": {"seconds": 60, "count": 2}})
     exe = BIN / "cloudbench"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "harness.cli"]
     proc = subprocess.Popen(cmd + ["run", "--provider", "openstack", "--cloud", "cloudbench-lab", "--gpus", "2",
                                    *SMALL, "--results", str(tmp_path)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while len(leftovers(clean).get("servers", [])) < 2:
+    while len(leftovers(cloud).get("servers", [])) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
         time.sleep(0.5)
+    return proc
+
+
+@root_only
+def test_ctrl_c_during_provisioning_tears_down(clean, tmp_path):
+    proc = start_run_in_build(clean, tmp_path)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, proc.stderr.read()
+    assert not leftovers(clean)
+
+
+@root_only
+def test_kill_9_during_provisioning_then_gc_leaves_nothing(clean, tmp_path):
+    proc = start_run_in_build(clean, tmp_path)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert leftovers(clean)["keypairs"] and leftovers(clean)["security_groups"]
