@@ -40,6 +40,7 @@ def test_clouds_yaml_password_appcred_env_and_profiles(tmp_path, monkeypatch):
     c = osconfig.load("mycloud")
     assert (c.auth_type, c.username, c.project_name, c.region) == ("password", "u", "gan", "cern")
     assert c.get("network") == "CERN_NETWORK" and c.get("floating_ip_pool") == "" and c.get("user") == "root"
+    assert (c.cacert, c.verify, c.project_domain_id) == (None, True, "default")
     # a provider option wins over clouds.yaml, which wins over the profile
     assert osconfig.load("mycloud", {"network": "other"}).get("network") == "other"
     # application credentials, the OTC profile's endpoint per region
@@ -58,6 +59,15 @@ def test_clouds_yaml_password_appcred_env_and_profiles(tmp_path, monkeypatch):
     # errors name what is expected
     with pytest.raises(PlanError, match="an entry of clouds.yaml"):
         osconfig.load("nope")
+    write_clouds(tmp_path, {"auth": {"auth_url": "http://x/v3", "username": "u", "password": "p", "project_name": "p",
+                                     "project_domain_name": "Physics"}, "cacert": "/etc/ca.pem"})
+    with pytest.raises(PlanError, match="project_domain_id as well"):
+        osconfig.load("mycloud")
+    write_clouds(tmp_path, {"auth": {"auth_url": "http://x/v3", "username": "u", "password": "p", "project_name": "p",
+                                     "project_domain_name": "Physics", "project_domain_id": "9f1"},
+                            "cacert": "/etc/ca.pem", "verify": False})
+    c = osconfig.load("mycloud")
+    assert (c.project_domain_id, c.cacert, c.verify) == ("9f1", "/etc/ca.pem", False)
     write_clouds(tmp_path, {"auth": {"auth_url": "http://x/v3", "username": "u"}})
     with pytest.raises(PlanError, match="password"):
         osconfig.load("mycloud")
@@ -78,6 +88,29 @@ def test_flavor_gpus_from_extra_specs_and_mapping():
     assert f("g", {"resources:VGPU": "1", "trait:CUSTOM_NVIDIA_A10": "required"}) == ("NVIDIA_A10", 1)
     assert f("bm", {"gpu_model": "V100"}, {"bm": {"model": "V100", "count": 8}}) == ("V100", 8)
     assert f("m1.small", {"hw:cpu_policy": "dedicated"}) == (None, 0)
+
+
+def test_api_listing_follows_next_links_and_restarts_when_its_marker_vanishes():
+    from providers.openstack import Api, ApiError
+
+    items = [{"id": str(i)} for i in range(7)]
+    calls = []
+
+    def get(path):  # a cloud whose page size is capped at 3, whatever limit is asked for
+        calls.append(path)
+        marker = path.split("marker=")[1] if "marker=" in path else None
+        if marker == "2" and len(calls) == 2:
+            raise ApiError("marker 2 not found", 404)  # deleted between two pages: start again
+        start = 0 if marker is None else int(marker) + 1
+        page = items[start:start + 3]
+        links = [{"rel": "next", "href": f"http://x/v2.1/servers?marker={page[-1]['id']}"}] if start + 3 < 7 else []
+        return {"servers": page, "servers_links": links}
+
+    api = Api.__new__(Api)
+    api.compute = get
+    assert api.listing("compute", "/servers/detail?name=cb-", "servers") == items
+    assert calls[0] == "/servers/detail?name=cb-" and calls[2] == "/servers/detail?name=cb-"
+    assert calls[-1] == "/servers/detail?name=cb-&marker=5"
 
 
 # -- against the emulator, backed by lab hosts -----------------------------------------------------------
@@ -298,8 +331,9 @@ def test_terraform_provisioner_gets_the_cloud_settings_and_fails_cleanly_offline
     with pytest.raises(Exception, match="(?i)terraform") as e:
         provision("ostf1", tmp_path, provisioner="terraform")
     tfvars = json.loads((tmp_path / "terraform" / "terraform.tfvars.json").read_text())
-    assert tfvars["flavor"] == "lab.cpu" and tfvars["network"] == "lab-net" and tfvars["owner"]
-    assert tfvars["image"] == OpenStackProvider(cloud="cloudbench-lab")._image().id  # by id: names repeat
+    p = OpenStackProvider(cloud="cloudbench-lab")
+    assert tfvars["flavor"] == "lab.cpu" and tfvars["owner"]
+    assert (tfvars["image"], tfvars["network"]) == (p._image().id, p._network()["id"])  # ids: names repeat
     assert tfvars["instance_count"] == 2 and tfvars["public_key"].startswith("ssh-ed25519"), tfvars
     assert "init" in str(e.value) or "provider" in str(e.value)
     assert not leftovers(clean)

@@ -86,6 +86,7 @@ def test_modules_parse_and_declare_what_the_harness_passes_and_reads():
     assert node["network"] == [{"port": "${openstack_networking_port_v2.node[count.index].id}"}]
     assert res["openstack_networking_floatingip_associate_v2"]["node"]["port_id"] == node["network"][0]["port"]
     assert port["description"] == "${local.tag}" and port["count"] == "${var.instance_count}"
+    assert port["network_id"] == "${var.network}"  # an id: network names need not be unique
     assert "internal_address" in blocks("openstack", "output")["hosts"]["value"]
     assert res["openstack_networking_floatingip_v2"]["node"]["count"] == "${local.floating_ips}"
     assert res["openstack_networking_floatingip_v2"]["node"]["description"] == "${local.tag}"

@@ -28,6 +28,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from requests.exceptions import RequestException
+
 from harness.errors import CloudbenchError, PlanError, ProviderError
 from providers.base import TAG, Capabilities, Fleet, FleetSpec, Job, Node, Offering, Resource
 from providers.local import alive
@@ -53,8 +55,7 @@ class ApiError(ProviderError):
         self.code = code
 
 
-UNRESOLVED = ("name or service not known", "temporary failure in name resolution", "nodename nor servname",
-              "no address associated")
+UNRESOLVED = ("name or service not known", "nodename nor servname", "no address associated")
 
 
 class Api:
@@ -74,7 +75,14 @@ class Api:
             from libcloud.compute.providers import get_driver
             from libcloud.compute.types import Provider as LibcloudProvider
 
+            import libcloud.security
+
             c = self.cloud
+            if c.cacert:  # clouds.yaml `cacert:` (an on-prem cloud's own CA)
+                libcloud.security.CA_CERTS_PATH = os.path.expanduser(c.cacert)
+            if c.verify is False:
+                log.warning("openstack: TLS verification is off for cloud %s (verify: false)", c.name)
+                libcloud.security.VERIFY_SSL_CERT = False
             cls = get_driver(LibcloudProvider.OPENSTACK)
             base = re.sub(r"/v3/?$", "", c.auth_url.rstrip("/"))
             kw = {"ex_force_auth_url": base, "ex_force_service_region": c.region, "api_version": "2.0",
@@ -103,11 +111,13 @@ class Api:
                     m = re.search(r"code: (\d{3})", str(getattr(e, "body", "")))
                     code = int(m.group(1)) if m else None
                 text = str(getattr(e, "message", None) or e)
-                if any(u in text.lower() for u in UNRESOLVED):
+                if code is None and any(u in text.lower() for u in UNRESOLVED):
                     raise ApiError(f"OpenStack {what}: cannot resolve the cloud's host ({text}); check auth_url "
                                    f"{c.auth_url} of cloud {c.name} ({c.source})") from None
-                network = isinstance(e, (ConnectionError, socket.timeout, TimeoutError)) or type(e).__name__ in (
-                    "ConnectionError", "ReadTimeout", "ConnectTimeout")
+                if type(e).__name__ == "SSLError":
+                    raise ApiError(f"OpenStack {what}: TLS verification failed ({text}); give the cloud's CA bundle "
+                                   f"as `cacert:` in its clouds.yaml entry ({c.source})") from None
+                network = isinstance(e, (ConnectionError, socket.timeout, TimeoutError, RequestException))
                 transient = code == 429 or (isinstance(code, int) and 500 <= code < 600) or network
                 if not transient:
                     if code is None and isinstance(e, (LibcloudError, ValueError)):  # catalog and endpoint trouble
@@ -117,10 +127,16 @@ class Api:
                         raise
                     raise ApiError(f"OpenStack {what}: {text}", code) from None
                 if find is not None and code != 429:
-                    found = find()  # carried out after all? then it must not be made twice
-                    if found is not None:
-                        log.info("OpenStack %s answered %s but was carried out; using it", what, code or "nothing")
-                        return found
+                    # Carried out after all? Then it must not be made twice. With no answer at all the cloud
+                    # may still be working on it: look a few times before asking again.
+                    for attempt in range(1 if code else 3):
+                        found = find()
+                        if found is not None:
+                            log.info("OpenStack %s answered %s but was carried out; using it", what,
+                                     code or "nothing")
+                            return found
+                        if code is None and attempt < 2:
+                            time.sleep(2)
                 wait = getattr(e, "retry_after", 0) or delay
                 if time.monotonic() - t0 + wait > self.deadline:
                     raise ApiError(f"OpenStack {what}: the cloud still answers {code or type(e).__name__} after "
@@ -138,16 +154,32 @@ class Api:
             "/v2.0" + path, method=method, data=data if data is not None else "").object, find)
 
     def listing(self, service, path, key):
-        """Every item of a Nova or Neutron list, page after page (limit/marker)."""
+        """Every item of a Nova or Neutron list, following its ``<key>_links`` "next" pages (the cloud caps the
+        page size; a cloud without pagination returns everything at once). An item deleted between pages
+        (its marker then fails) restarts the listing."""
+        from urllib.parse import parse_qs, urlsplit
+
         get = self.compute if service == "compute" else self.network
-        out, marker, limit = [], None, 500
         sep = "&" if "?" in path else "?"
-        while True:
-            page = (get(f"{path}{sep}limit={limit}" + (f"&marker={marker}" if marker else "")) or {}).get(key, [])
-            out += page
-            if len(page) < limit or not page:
-                return out
-            marker = page[-1]["id"]
+        for _ in range(3):
+            out, marker = [], None
+            try:
+                while True:
+                    doc = get(path + (f"{sep}marker={marker}" if marker else "")) or {}
+                    page = doc.get(key, [])
+                    out += page
+                    nxt = [x for x in doc.get(f"{key}_links") or [] if x.get("rel") == "next"]
+                    if not page or not nxt:
+                        return out
+                    found = parse_qs(urlsplit(nxt[0].get("href", "")).query).get("marker")
+                    new = found[0] if found else page[-1]["id"]
+                    if new == marker:
+                        return out
+                    marker = new
+            except ApiError as e:
+                if not marker or e.code not in (400, 404):
+                    raise
+        return out
 
 
 class OpenStackProvider:
@@ -477,10 +509,9 @@ class OpenStackProvider:
             time.sleep(1.0)
 
     def _tagged_servers(self, run=None):
-        """The project's servers tagged with the run (any run: None), every page, named cb-... (Nova's name
-        filter is a regular expression)."""
-        servers = self.api.listing("compute", f"/servers/detail?name=^cb-{re.escape(run) + '-' if run else ''}",
-                                   "servers")
+        """The project's servers tagged with the run (any run: None), every page, named cb-..."""
+        # A plain prefix: a regular expression to Nova, a substring to clouds whose filter is fuzzy (OTC).
+        servers = self.api.listing("compute", f"/servers/detail?name=cb-{run + '-' if run else ''}", "servers")
         return [s for s in servers if (s.get("metadata") or {}).get(TAG) and
                 (run is None or s["metadata"][TAG] == run)]
 
@@ -508,9 +539,14 @@ class OpenStackProvider:
                         if f.get("port_id") == port and f.get("description") == f"{TAG}={run}"]
                 return {"floatingip": mine[0]} if mine else None
 
-            fip = self.api.network("/floatingips", "POST", {"floatingip": {
-                "floating_network_id": pool["id"], "port_id": ports[0]["id"],
-                "description": f"{TAG}={run}"}}, find=find)["floatingip"]
+            try:
+                fip = self.api.network("/floatingips", "POST", {"floatingip": {
+                    "floating_network_id": pool["id"], "port_id": ports[0]["id"],
+                    "description": f"{TAG}={run}"}}, find=find)["floatingip"]
+            except ApiError as e:  # 409: the port has one already (an earlier attempt got through late)
+                if e.code != 409 or find() is None:
+                    raise
+                fip = find()["floatingip"]
             out[s["id"]] = fip["floating_ip_address"]
         return out
 
@@ -653,7 +689,8 @@ class OpenStackProvider:
         gone += [Resource(kind="server", id=s["id"], run_id=run_id, detail=s["name"]) for s in servers]
         prefix = f"cb-{run_id}"
         for p in self.api.listing("network", "/ports", "ports"):
-            if p.get("device_id") in ids or p.get("name", "").startswith(prefix + "-"):
+            if p.get("device_id") in ids or (p.get("name", "").startswith(prefix + "-")
+                                              and p.get("description") == tag):  # terraform's own ports
                 self._ignore_missing(lambda: self.api.network(f"/ports/{p['id']}", "DELETE"))
                 gone.append(Resource(kind="port", id=p["id"], run_id=run_id, detail=p.get("name", "")))
         for sg in self.api.network(f"/security-groups?name={prefix}").get("security_groups", []):
@@ -758,7 +795,7 @@ class OpenStackProvider:
                 network = self._network()
                 self._keygen(d)
                 var = {"cloud": "" if self.cloud.name == "env" else self.cloud.name, "flavor": offer.instance_type,
-                       "image": self._image().id, "network": network["name"],
+                       "image": self._image().id, "network": network["id"],
                        "floating_ip_pool": self.setting("floating_ip_pool") or "",
                        "ssh_cidr": self._caller_cidr(network)}
                 zones = osconfig.as_list(self.setting("availability_zones"))

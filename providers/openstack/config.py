@@ -90,6 +90,8 @@ class Cloud:
     project_domain_id: str = "default"  # libcloud scopes the token by the project's domain *id*
     app_cred_id: Optional[str] = None
     app_cred_secret: Optional[str] = None
+    cacert: Optional[str] = None  # CA bundle for the cloud's TLS certificates
+    verify: bool = True
     settings: dict = field(default_factory=dict)
 
     def get(self, key, default=None):
@@ -139,6 +141,7 @@ def load(cloud=None, options=None) -> Cloud:
         auth_type = entry.get("auth_type") or ("application_credential" if auth.get("application_credential_id")
                                               else "password")
         region = entry.get("region_name")
+        tls = {"cacert": entry.get("cacert"), "verify": entry.get("verify", True) is not False}
     else:
         env = os.environ
         if not env.get("OS_AUTH_URL") and "profile" not in options:
@@ -156,6 +159,7 @@ def load(cloud=None, options=None) -> Cloud:
         auth_type = env.get("OS_AUTH_TYPE") or ("application_credential" if auth["application_credential_id"]
                                                 else "password")
         region = env.get("OS_REGION_NAME")
+        tls = {"cacert": env.get("OS_CACERT"), "verify": env.get("OS_INSECURE", "").lower() not in ("1", "true")}
     settings = dict(own)
     settings.update(options)
     profile = str(settings.get("profile") or "generic")
@@ -177,7 +181,7 @@ def load(cloud=None, options=None) -> Cloud:
               project_domain=auth.get("project_domain_name") or auth.get("domain_name") or "Default",
               project_domain_id=auth.get("project_domain_id") or auth.get("domain_id") or "default",
               app_cred_id=auth.get("application_credential_id"),
-              app_cred_secret=auth.get("application_credential_secret"), settings=merged)
+              app_cred_secret=auth.get("application_credential_secret"), settings=merged, **tls)
     missing = [k for k, v in (("auth_url", c.auth_url),) if not v]
     if c.auth_type == "password":
         missing += [k for k, v in (("username", c.username), ("password", c.password)) if not v]

@@ -22,15 +22,11 @@ resource "openstack_networking_secgroup_v2" "run" {
   description = local.owned
 }
 
-data "openstack_networking_network_v2" "run" {
-  name = var.network
-}
-
 resource "openstack_networking_port_v2" "node" {
   count              = var.instance_count
   name               = "${local.name}-${count.index}"
   description        = local.tag
-  network_id         = data.openstack_networking_network_v2.run.id
+  network_id         = var.network
   security_group_ids = [openstack_networking_secgroup_v2.run.id]
   admin_state_up     = true
 }

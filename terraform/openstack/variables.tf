@@ -39,7 +39,7 @@ variable "public_key" {
 }
 
 variable "network" {
-  description = "Name of the (tenant) network the instances attach to."
+  description = "Id of the (tenant) network the instances attach to (names need not be unique)."
   type        = string
 }
 
