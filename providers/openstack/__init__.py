@@ -179,7 +179,7 @@ class Api:
             except ApiError as e:
                 if not marker or e.code not in (400, 404):
                     raise
-        return out
+        raise ApiError(f"OpenStack list {path}: the list kept changing under its pages (3 attempts)")
 
 
 class OpenStackProvider:
