@@ -180,6 +180,22 @@ def terminate(pid, grace_s=3.0):
         pass
 
 
+def harness_owner():
+    """This harness as the owner recorded on what it makes elsewhere (leases, jobs, cloud resources)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_alive(owner, unknown=None):
+    """Whether the harness ``owner`` (host:pid) still runs: checked on this machine, True for another
+    machine's harness (not ours to judge), ``unknown`` when no owner was recorded."""
+    if not owner:
+        return unknown
+    host, _, pid = str(owner).rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    return alive(int(pid))
+
+
 def alive(pid):
     """True while the process exists and is not a zombie waiting to be reaped."""
     try:

@@ -32,9 +32,9 @@ from requests.exceptions import RequestException
 
 from harness.errors import CloudbenchError, PlanError, ProviderError
 from providers.base import TAG, Capabilities, Fleet, FleetSpec, Job, Node, Offering, Resource
-from providers.local import alive
+from providers.local import harness_owner, owner_alive
 from providers.openstack import config as osconfig
-from providers.ssh import SSHProvider
+from providers.ssh import SSHProvider, require_tools
 
 log = logging.getLogger("cloudbench")
 OWNER_KEY = "cloudbench-owner"
@@ -194,7 +194,8 @@ class OpenStackProvider:
         self._cloud = None
         self._api = None
         self._ssh = {}  # run_id -> SSHProvider on the run's inventory
-        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.owner = harness_owner()
+        self._flavors = None
 
     # -- configuration ----------------------------------------------------------------------------
     @property
@@ -221,14 +222,18 @@ class OpenStackProvider:
         self.cloud  # noqa: B018 (validates the configuration)
         if self.setting("provisioner", "sdk") not in ("sdk", "terraform"):
             raise PlanError("provisioner", self.setting("provisioner"), "sdk or terraform")
-        for tool in ("ssh", "ssh-keygen", "ssh-agent"):
-            if not any(os.access(os.path.join(d, tool), os.X_OK) for d in os.environ.get("PATH", "").split(":")):
-                raise ProviderError(f"the openstack provider needs `{tool}` here (apt-get install openssh-client)")
+        require_tools(self.name, ("ssh", "ssh-keygen", "ssh-agent", "ssh-add"))
         self.api.compute("/limits")  # authenticates, finds the compute endpoint, proves it answers
 
     # -- flavors ----------------------------------------------------------------------------------
     def flavors(self):
-        """Every flavor with its extra specs (microversion 2.61 carries them in the listing)."""
+        """Every flavor with its extra specs (microversion 2.61 carries them in the listing); listed once per
+        provider (offerings, shapes, the quota check and server creation all read it)."""
+        if self._flavors is None:
+            self._flavors = self._list_flavors()
+        return self._flavors
+
+    def _list_flavors(self):
         try:
             doc = self.api.compute("/flavors/detail", headers={"X-OpenStack-Nova-API-Version": "2.61"})
         except ApiError as e:
@@ -263,9 +268,7 @@ class OpenStackProvider:
         chosen = gpu if device == "gpu" or (device == "auto" and gpu) else cpu
         allowed = osconfig.as_list(self.setting("flavors"))
         if allowed:
-            chosen = [o for name in allowed for o in gpu + cpu if o.instance_type == name]
-        if allowed:
-            return chosen
+            return [o for name in allowed for o in gpu + cpu if o.instance_type == name]
         # GPU flavors: the biggest first (one 8-GPU server beats eight 1-GPU ones); CPU flavors: the smallest.
         return sorted(chosen, key=lambda o: (-o.slots if o.gpus else o.slots, o.instance_type))
 
@@ -427,7 +430,7 @@ class OpenStackProvider:
     def _check_quota(self, offer, n):
         """Refuse before creating anything when the project's limits cannot hold the shape, with the numbers."""
         a = self.api.compute("/limits").get("limits", {}).get("absolute", {})
-        flavor = next((f for f in self._flavor_cache() if f["name"] == offer.instance_type), {})
+        flavor = next((f for f in self.flavors() if f["name"] == offer.instance_type), {})
         need = {"instances": n, "cores": n * int(flavor.get("vcpus") or 0),
                 "RAM (MiB)": n * int(flavor.get("ram") or 0)}
         have = {"instances": ("maxTotalInstances", "totalInstancesUsed"), "cores": ("maxTotalCores", "totalCoresUsed"),
@@ -439,14 +442,9 @@ class OpenStackProvider:
                                     f"{need[what]} {what}, the project uses {inuse} of {limit}; ask for more quota "
                                     "or run fewer GPUs (--gpus)")
 
-    def _flavor_cache(self):
-        if not hasattr(self, "_flavors"):
-            self._flavors = self.flavors()
-        return self._flavors
-
     def _create_server(self, run, i, offer, zone, image, network, key, sg):
         name = f"cb-{run}-{i}"
-        body = {"server": {"name": name, "flavorRef": next(f["id"] for f in self._flavor_cache()
+        body = {"server": {"name": name, "flavorRef": next(f["id"] for f in self.flavors()
                                                           if f["name"] == offer.instance_type),
                            "imageRef": image.id, "key_name": key, "networks": [{"uuid": network["id"]}],
                            "security_groups": [{"name": sg["id"]}],  # by id: names need not be unique
@@ -740,16 +738,6 @@ class OpenStackProvider:
     def list_tagged(self):
         """Everything of any run in the project: servers (by metadata), floating IPs (description), security
         groups and key pairs (name cb-<run>), ports of tagged servers. owner_alive from the owner recorded."""
-        me = socket.gethostname()
-
-        def owner_alive(owner):
-            if not owner:
-                return None
-            host, _, pid = str(owner).rpartition(":")
-            if host != me or not pid.isdigit():
-                return True  # another machine's harness: not ours to judge
-            return alive(int(pid))
-
         found, owners = [], {}
         servers = self._tagged_servers()
         for s in servers:

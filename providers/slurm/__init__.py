@@ -19,7 +19,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from harness.errors import PlanError, PointFailed, ProviderError
 from providers.base import Capabilities, Fleet, FleetSpec, Job, JobResult, Node, Offering, Resource, watch
-from providers.local import ENV_TAG, alive
+from providers.local import ENV_TAG, harness_owner, owner_alive
 
 log = logging.getLogger("cloudbench")
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,7 +64,7 @@ class SlurmProvider:
             raise PlanError("price_per_node_hour", price_per_node_hour, "a number") from None
         self.currency = currency
         self.options = options
-        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.owner = harness_owner()
 
     # -- the slurm commands -----------------------------------------------------------------------
     def env(self):
@@ -249,12 +248,7 @@ class SlurmProvider:
         return gone
 
     def list_tagged(self):
-        me = socket.gethostname()
-
-        def owner_alive(comment):
-            host, _, pid = comment.rpartition("owner=")[2].rpartition(":")
-            return alive(int(pid)) if host == me and pid.isdigit() else True
-
-        return [Resource(kind="job", id=j, run_id=r, detail=f"{s} {c}", owner_alive=owner_alive(c))
+        return [Resource(kind="job", id=j, run_id=r, detail=f"{s} {c}",
+                         owner_alive=owner_alive(c.rpartition("owner=")[2], unknown=True))
                 for j, r, c, s in self._jobs()]
 

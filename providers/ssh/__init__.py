@@ -38,7 +38,7 @@ import logging
 import os
 import re
 import shlex
-import socket
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -50,7 +50,7 @@ from typing import Optional
 
 from harness.errors import PlanError, PointFailed, ProviderError
 from providers.base import TAG, Capabilities, Fleet, FleetSpec, Job, JobResult, Node, Offering, Resource, watch
-from providers.local import ENV_OWNER, ENV_TAG, alive, kill_group
+from providers.local import ENV_OWNER, ENV_TAG, harness_owner, kill_group, owner_alive
 
 log = logging.getLogger("cloudbench")
 ROOT = Path(__file__).resolve().parents[2]  # the checkout this harness runs from
@@ -245,7 +245,7 @@ class SSHProvider:
         self.options = {"inventory": inventory, **options}
         self._inv = None
         self._deployed = {}  # run_id -> {"python": ..., "pythonpath": ...}
-        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.owner = harness_owner()
 
     # -- inventory and ssh ------------------------------------------------------------------------
     @property
@@ -291,9 +291,7 @@ class SSHProvider:
 
     def check(self):
         self.inv  # noqa: B018 (validates the inventory)
-        for tool in ("ssh", "ssh-agent", "ssh-add"):
-            if not any(os.access(os.path.join(d, tool), os.X_OK) for d in os.environ.get("PATH", "").split(":")):
-                raise ProviderError(f"the ssh provider needs `{tool}` on this machine (apt-get install openssh-client)")
+        require_tools(self.name, ("ssh", "ssh-agent", "ssh-add"))
 
     # -- provision: lease hosts -------------------------------------------------------------------
     def provision(self, spec: FleetSpec, on_record):
@@ -635,14 +633,6 @@ class SSHProvider:
 
     def list_tagged(self):
         """Leases and tagged processes on every inventory host (unreachable hosts are skipped with a warning)."""
-        me = socket.gethostname()
-
-        def owner_alive(owner):
-            host, _, pid = str(owner).rpartition(":")
-            if host != me or not pid.isdigit():
-                return True  # held by a harness on another machine: not ours to judge
-            return alive(int(pid))
-
         script = ("cat LEASE 2>/dev/null; echo '---'; for d in /proc/[0-9]*; do "
                   f"e=$(tr '\\0' '\\n' < $d/environ 2>/dev/null | grep -E '^({ENV_TAG}|{ENV_OWNER})=' | tr '\\n' ' ');"
                   " [ -n \"$e\" ] && echo \"${d#/proc/} $e\"; done; true")
@@ -665,7 +655,7 @@ class SSHProvider:
                     doc = json.loads(lease)
                     found.append(Resource(kind="lease", id=h.name, run_id=doc["run_id"],
                                           detail=f"{self._lease_path(h)} held by {doc.get('owner')}",
-                                          owner_alive=owner_alive(doc.get("owner"))))
+                                          owner_alive=owner_alive(doc.get("owner"), unknown=True)))
                 except (json.JSONDecodeError, KeyError):
                     log.warning("host %s: unreadable lease %s", h.name, self._lease_path(h))
             for line in procs.splitlines():
@@ -675,8 +665,16 @@ class SSHProvider:
                     continue
                 seen.add(pid)
                 found.append(Resource(kind="process", id=pid, run_id=tags[ENV_TAG], detail=f"{TAG} on {h.name}",
-                                      owner_alive=owner_alive(tags.get(ENV_OWNER, ""))))
+                                      owner_alive=owner_alive(tags.get(ENV_OWNER), unknown=True)))
         return found
+
+
+def require_tools(provider, tools):
+    """Every OpenSSH client tool a provider drives must be on PATH here."""
+    for tool in tools:
+        if not shutil.which(tool):
+            raise ProviderError(f"the {provider} provider needs `{tool}` on this machine "
+                                "(apt-get install openssh-client)")
 
 
 def _untagged_env():

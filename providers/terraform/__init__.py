@@ -33,13 +33,13 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 from pathlib import Path
 from typing import Optional
 
 from harness.errors import PlanError, ProviderError
 from providers.base import Capabilities, Fleet, FleetSpec, Job, Offering, Resource
+from providers.local import harness_owner
 from providers.ssh import SSHProvider, _untagged_env, load_inventory
 
 log = logging.getLogger("cloudbench")
@@ -141,7 +141,7 @@ class TerraformProvider:
         self.inventory = inventory
         self.host_keys = host_keys
         self.options = options
-        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.owner = harness_owner()
         self._ssh = {}  # inventory path -> SSHProvider (it keeps what deploy did, per run)
         self._tf_dirs = {}  # run_id -> tf dir, for a teardown after a provision that did not return
         self._lab_inv = None
