@@ -52,7 +52,6 @@ import json
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -61,9 +60,10 @@ import time
 import traceback
 import uuid
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
+
+from harness.emulators import labhost
 
 MIN_VERSION, MAX_VERSION = (2, 1), (2, 79)  # Nova microversions served
 ZONES = ("nova", "az2")  # every lab host is in both
@@ -74,7 +74,6 @@ NO_LAB_SUBNET = "10.213.0.0/24"
 # Floating IPs come from the benchmarking range (RFC 2544, never a real network), one /24 per lab (X = the third
 # octet of the lab's subnet; 0 without a lab); routed to lab hosts only while associated with one of them.
 FLOATING_RANGE = "198.18.{}.0/24"
-KEY_MARK = "cloudbench-emulator:"  # comment of the authorized_keys lines the emulator adds
 TOKEN_SECONDS = 3600
 USER, PASSWORD, PROJECT, DOMAIN = "cloudbench", "cloudbench-lab", "cloudbench", "Default"
 NO_VALID_HOST = "No valid host was found. There are not enough hosts available."
@@ -120,16 +119,6 @@ def _mac():
     return "fa:16:3e:%02x:%02x:%02x" % tuple(secrets.token_bytes(3))
 
 
-def _key_blob(public_key):
-    """(type, base64 blob) of an OpenSSH public key line, or None when it is not one."""
-    parts = (public_key or "").strip().split()
-    if len(parts) < 2 or not re.fullmatch(r"(ssh-|ecdsa-|sk-)[\w@.-]+", parts[0]):
-        return None
-    try:
-        base64.b64decode(parts[1], validate=True)
-    except ValueError:
-        return None
-    return parts[0], parts[1]
 
 
 def _fingerprint(blob):
@@ -138,11 +127,6 @@ def _fingerprint(blob):
     return ":".join(h[i:i + 2] for i in range(0, 32, 2))
 
 
-def _fake_host_key():
-    """A well-formed ed25519 public key for servers without a lab host behind them."""
-    def field(b):
-        return len(b).to_bytes(4, "big") + b
-    return "ssh-ed25519 " + base64.b64encode(field(b"ssh-ed25519") + field(secrets.token_bytes(32))).decode()
 
 
 def _flavor_gpus(specs):
@@ -377,9 +361,7 @@ class OpenStackEmulator:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._threads = []
-        self._httpd = ThreadingHTTPServer((host, port), _Handler)
-        self._httpd.daemon_threads = True
-        self._httpd.emulator = self
+        self._httpd = labhost.http_server(self, host, port)
         # Identity: one domain, one user in one project, one application credential of that user.
         self.project_id, self.user_id = _sid("project", PROJECT).replace("-", ""), _sid("user", USER).replace("-", "")
         self.admin_project_id = _sid("project", "admin").replace("-", "")
@@ -387,8 +369,7 @@ class OpenStackEmulator:
         self.tokens = {}  # token -> {"expires": epoch, "issued": epoch, "methods": [...], "scoped": bool}
         # Hypervisors: the lab hosts, or virtual ones with unreachable addresses.
         if lab_state:
-            d = Path(lab_state["dir"])
-            self.hosts = [{**h, "dir": str(d / h["name"])} for h in lab_state["hosts"]]
+            self.hosts = labhost.lab_hosts(lab_state)
             self.slots = min(h["slots"] for h in self.hosts)
             cidr = lab_state["subnet"]
         else:
@@ -412,7 +393,7 @@ class OpenStackEmulator:
         self._clear()
         if self.hosts:
             for h in self.hosts:  # a previous emulator's keys are no longer anyone's servers
-                self._unauthorize(h, None)
+                labhost.unauthorize(h)
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property
@@ -1078,9 +1059,9 @@ class OpenStackEmulator:
         s["host"], s["address"] = host["name"], host["address"]
         if host.get("virtual"):
             self._virtual[host["address"]] = sid
-            s["host_key"] = _fake_host_key() + f" root@{name}"
+            s["host_key"] = labhost.fake_host_key() + f" root@{name}"
         else:
-            s["host_key"] = (Path(host["dir"]) / "hostkey.pub").read_text().strip()
+            s["host_key"] = labhost.host_key(host)
         if network:
             port = self._new_port(network, name="", device_id=sid, device_owner="compute:" + zone,
                                   sg_ids=[self._sg_by_name(n)["id"] for n in sg_names], address=host["address"])
@@ -1129,57 +1110,18 @@ class OpenStackEmulator:
                 port["status"] = "ACTIVE"
             host = self._lab_host(s)
             if host and s["key_data"]:
-                self._authorize(host, s)
+                labhost.authorize(host, s["key_data"], s["id"])
 
     def _lab_host(self, s):
         if not self.hosts or not s["host"]:
             return None
         return next((h for h in self.hosts if h["name"] == s["host"]), None)
 
-    def _authorize(self, host, s):
-        """The server's key pair may log in to its lab host, as cloud-init would have arranged."""
-        kind, blob = _key_blob(s["key_data"])
-        path = Path(host["dir"]) / "authorized_keys"
-        text = path.read_text() if path.exists() else ""
-        if text and not text.endswith("\n"):
-            text += "\n"
-        _write_atomic(path, text + f"{kind} {blob} {KEY_MARK}{s['id']}\n")
-
-    @staticmethod
-    def _unauthorize(host, sid):
-        """Remove the key lines of server sid (of every emulator server when sid is None); the lab's stay."""
-        path = Path(host["dir"]) / "authorized_keys"
-        try:
-            lines = path.read_text().splitlines(keepends=True)
-        except FileNotFoundError:
-            return
-        mark = KEY_MARK + (sid or "")
-        kept = [ln for ln in lines if not (ln.rstrip().endswith(mark) if sid else mark in ln)]
-        if kept != lines:
-            _write_atomic(path, "".join(kept))
-
-    @staticmethod
-    def _kill_sessions(host):
-        """Kill every process in the host's network namespace except its sshd listener (what a VM deletion
-        does to the VM's processes). A few passes: sessions may fork while we kill."""
-        for _ in range(5):
-            p = subprocess.run(["ip", "netns", "pids", host["netns"]], capture_output=True, text=True)
-            pids = [int(x) for x in p.stdout.split() if x.isdigit() and int(x) != host.get("sshd_pid")]
-            if not pids:
-                return
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.05)
-
     def _release(self, s):
         """Free the server's host (key line, processes) and network (port, floating IP associations)."""
         host = self._lab_host(s)
         if host:
-            self._unauthorize(host, s["id"])
-            self._kill_sessions(host)
+            labhost.release(host, s["id"])
         port = self.ports.get(s["port_id"] or "")
         if port and port["device_id"] == s["id"]:
             self._delete_port(port["id"])  # while the server still has its host: floating IP routes go too
@@ -1377,7 +1319,7 @@ class OpenStackEmulator:
             public = str(body["public_key"]).strip()
         else:
             public, private = self._generate_key()
-        kb = _key_blob(public)
+        kb = labhost.key_blob(public)
         if kb is None:
             raise nova_error(400, "Keypair data is invalid: failed to generate fingerprint")
         k = {"name": name, "public_key": public, "fingerprint": _fingerprint(kb[1]), "type": kind,
@@ -1967,46 +1909,8 @@ class OpenStackEmulator:
         return 200, self.state()
 
 
-def _write_atomic(path, text):
-    """Replace a file in one step (sshd may read authorized_keys at any moment)."""
-    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.{threading.get_ident()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    """HTTP/1.1 with keep-alive (libcloud and keystoneauth reuse connections); JSON or text bodies."""
-
-    protocol_version = "HTTP/1.1"
-    server_version = "cloudbench-openstack-emulator/1.0"
-
-    def _serve(self):
-        n = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(n) if n > 0 else b""
-        emu = self.server.emulator
-        status, body, headers = emu.handle(self.command, self.path, self.headers, raw)
-        if body is None:
-            data, ctype = b"", None
-        elif isinstance(body, (dict, list)):
-            data, ctype = json.dumps(body).encode(), "application/json"
-        else:
-            data, ctype = str(body).encode(), "text/plain; charset=UTF-8"
-        self.send_response(status)
-        for k, v in headers.items():
-            self.send_header(k, v)
-        if status not in (204, 304):
-            if ctype:
-                self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if data and self.command != "HEAD" and status not in (204, 304):
-            self.wfile.write(data)
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _serve
-
-    def log_message(self, fmt, *args):
-        if self.server.emulator.verbose:
-            sys.stderr.write("%s %s\n" % (_iso(), fmt % args))
 
 
 def main(argv=None):
@@ -2021,27 +1925,17 @@ def main(argv=None):
     serve.add_argument("--build-seconds", type=float, default=1.0)
     serve.add_argument("--verbose", action="store_true", help="log every request to stderr")
     args = ap.parse_args(argv)
-    state = None
-    if args.lab:
-        from harness import lab
-
-        path = lab.state_dir(args.lab) / "state.json"
-        try:
-            state = json.loads(path.read_text())
-        except FileNotFoundError:
-            ap.error(f"lab {args.lab!r} is not up ({path} missing)")
+    state = labhost.load_lab(args.lab) if args.lab else None
     emu = OpenStackEmulator(lab_state=state, host=args.host, port=args.port, region=args.region,
                             build_seconds=args.build_seconds, verbose=args.verbose).start()
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
-    print(json.dumps({"url": emu.url, "auth_url": emu.auth_url, "region": emu.region, "pid": os.getpid(),
-                      "lab": args.lab, "credentials": emu.credentials}), flush=True)
-    done.wait()
-    emu.stop()
-    if emu.hosts:  # the cloud is gone: no key of its servers stays authorized
-        for h in emu.hosts:
-            emu._unauthorize(h, None)
+
+    def stop():
+        emu.stop()
+        for h in emu.hosts or ():  # the cloud is gone: no key of its servers stays authorized
+            labhost.unauthorize(h)
+
+    labhost.serve_until_signal({"url": emu.url, "auth_url": emu.auth_url, "region": emu.region,
+                                "pid": os.getpid(), "lab": args.lab, "credentials": emu.credentials}, stop)
     return 0
 
 

@@ -1,0 +1,178 @@
+"""What every cloud emulator does to a lab host that backs one of its instances (shared by the OpenStack,
+AWS and Exoscale emulators), and the loopback HTTP plumbing they share.
+
+An instance on a lab host: the instance's SSH public key is appended to the host's authorized_keys, marked
+``cloudbench-emulator:<instance id>``; deleting the instance removes that line and kills every process in the
+host's network namespace except its sshd listener, as deleting a VM would.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+KEY_MARK = "cloudbench-emulator:"  # comment of the authorized_keys lines the emulators add
+
+
+def lab_hosts(lab_state):
+    """The lab's hosts, each with ``dir`` (its state directory: authorized_keys, hostkey.pub), or None."""
+    if not lab_state:
+        return None
+    d = Path(lab_state["dir"])
+    return [{**h, "dir": str(d / h["name"])} for h in lab_state["hosts"]]
+
+
+def load_lab(name):
+    """The state of running lab ``name``; SystemExit naming the missing file when it is not up."""
+    from harness import lab
+
+    path = lab.state_dir(name) / "state.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"lab {name!r} is not up ({path} missing)") from None
+
+
+def key_blob(public_key):
+    """(type, base64 blob) of an OpenSSH public key line, or None when it is not one."""
+    parts = (public_key or "").strip().split()
+    if len(parts) < 2 or not re.fullmatch(r"(ssh-|ecdsa-|sk-)[\w@.-]+", parts[0]):
+        return None
+    try:
+        base64.b64decode(parts[1], validate=True)
+    except ValueError:
+        return None
+    return parts[0], parts[1]
+
+
+def fake_host_key():
+    """A well-formed ed25519 public key for instances without a lab host behind them."""
+    def field(b):
+        return len(b).to_bytes(4, "big") + b
+    return "ssh-ed25519 " + base64.b64encode(field(b"ssh-ed25519") + field(secrets.token_bytes(32))).decode()
+
+
+def host_key(host):
+    """The lab host's SSH host key line."""
+    return (Path(host["dir"]) / "hostkey.pub").read_text().strip()
+
+
+def write_atomic(path, text):
+    """Replace a file in one step (sshd may read authorized_keys at any moment)."""
+    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.{threading.get_ident()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def authorize(host, public_key, instance_id):
+    """The instance's key may log in to its lab host, as cloud-init would have arranged."""
+    kind, blob = key_blob(public_key)
+    path = Path(host["dir"]) / "authorized_keys"
+    text = path.read_text() if path.exists() else ""
+    if text and not text.endswith("\n"):
+        text += "\n"
+    write_atomic(path, text + f"{kind} {blob} {KEY_MARK}{instance_id}\n")
+
+
+def unauthorize(host, instance_id=None):
+    """Remove the key lines of one instance (of every emulator instance when None); the lab's own stay."""
+    path = Path(host["dir"]) / "authorized_keys"
+    try:
+        lines = path.read_text().splitlines(keepends=True)
+    except FileNotFoundError:
+        return
+    mark = KEY_MARK + (instance_id or "")
+    kept = [ln for ln in lines if not (ln.rstrip().endswith(mark) if instance_id else mark in ln)]
+    if kept != lines:
+        write_atomic(path, "".join(kept))
+
+
+def kill_sessions(host):
+    """Kill every process in the host's network namespace except its sshd listener (what a VM deletion
+    does to the VM's processes). A few passes: sessions may fork while we kill."""
+    for _ in range(5):
+        p = subprocess.run(["ip", "netns", "pids", host["netns"]], capture_output=True, text=True)
+        pids = [int(x) for x in p.stdout.split() if x.isdigit() and int(x) != host.get("sshd_pid")]
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+
+
+def release(host, instance_id):
+    """The instance is gone: its key no longer opens the host and nothing it started still runs."""
+    unauthorize(host, instance_id)
+    kill_sessions(host)
+
+
+class Handler(BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive. ``server.emulator.handle(method, target, headers, raw)`` answers
+    (status, body, headers): body None, a dict/list (JSON), bytes (sent as is: set Content-Type in headers)
+    or text."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "cloudbench-emulator/1.0"
+
+    def _serve(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(n) if n > 0 else b""
+        emu = self.server.emulator
+        status, body, headers = emu.handle(self.command, self.path, self.headers, raw)
+        headers = dict(headers or {})
+        if body is None:
+            data, ctype = b"", None
+        elif isinstance(body, (dict, list)):
+            data, ctype = json.dumps(body).encode(), "application/json"
+        elif isinstance(body, bytes):
+            data, ctype = body, None
+        else:
+            data, ctype = str(body).encode(), "text/plain; charset=UTF-8"
+        self.send_response(status)
+        for k, v in headers.items():
+            if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(k, v)
+        if status not in (204, 304):
+            if ctype and not any(k.lower() == "content-type" for k in headers):
+                self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if data and self.command != "HEAD" and status not in (204, 304):
+            self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _serve
+
+    def log_message(self, fmt, *args):
+        if getattr(self.server.emulator, "verbose", False):
+            sys.stderr.write("%s\n" % (fmt % args))
+
+
+def http_server(emulator, host, port):
+    """A threading HTTP server (not yet serving) that hands every request to ``emulator.handle``."""
+    httpd = ThreadingHTTPServer((host, port), Handler)
+    httpd.daemon_threads = True
+    httpd.emulator = emulator
+    return httpd
+
+
+def serve_until_signal(info, stop):
+    """Print ``info`` as the one JSON line that says the emulator listens, wait for SIGTERM/SIGINT, then
+    call ``stop()``."""
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    print(json.dumps(info), flush=True)
+    done.wait()
+    stop()
