@@ -44,6 +44,9 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=5, help="steps run first and excluded from timing")
     ap.add_argument("--data", default="synthetic",
                     help="'synthetic' (simulated showers held in memory) or an HDF5 file, directory or glob")
+    ap.add_argument("--data-shard", choices=("global", "local"), default="global",
+                    help="global: every rank reads its share of every file; local: each node holds its own files "
+                         "(staged from object storage) and its ranks share them")
     ap.add_argument("--lr", type=float, default=0.001, help="base learning rate, multiplied by the ranks")
     ap.add_argument("--loss-weights", default=None, help="comma list, one per D head (default: the authors')")
     ap.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
@@ -307,7 +310,8 @@ def make_dataset(args, engine):
 
     if args.data == "synthetic":
         return data.synthetic_dataset(args.variant, args.batch_size, rank=engine.rank, seed=args.seed)
-    return data.file_dataset(args.data, args.variant, args.batch_size, rank=engine.rank, size=engine.size,
+    rank, size = (engine.local_rank, engine.local_size) if args.data_shard == "local" else (engine.rank, engine.size)
+    return data.file_dataset(args.data, args.variant, args.batch_size, rank=rank, size=size,
                              seed=args.seed)
 
 

@@ -64,7 +64,8 @@ def cmd_run(args):
                            repetitions=args.repetitions, variant=args.variant, batch_size=args.batch_size,
                            steps=args.steps, warmup=args.warmup, data=args.data, engine=args.engine,
                            precision=args.precision, epoch_events=args.epoch_events,
-                           instance_type=args.instance_type, provider_options=options or None)
+                           instance_type=args.instance_type, provider_options=options or None,
+                           upload=args.upload, s3_endpoint=args.s3_endpoint)
         provider = base.get(plan.provider, **options)
         if args.dry_run:
             return dry_run(plan, provider, args.json)
@@ -75,13 +76,18 @@ def cmd_run(args):
     except runner.Interrupted:
         print(f"cloudbench: interrupted; finished points are kept. Resume with: cloudbench run --resume {store.run_id}",
               file=sys.stderr)
+        upload(plan, store)
+        raise
+    except BaseException:
+        upload(plan, store)
         raise
     ok = df[df["status"] == "ok"]
     paths = {}
     if len(ok):
         agg, paths = report.write([store.dir])
+    uploaded = upload(plan, store)
     state = store.read_json("run.json", {})
-    out = {"run_id": store.run_id, "results_dir": str(store.dir), "state": state.get("state"),
+    out = {"run_id": store.run_id, "results_dir": str(store.dir), "state": state.get("state"), "uploaded": uploaded,
            "report": paths, "failed_points": int((df["status"] != "ok").sum()),
            "points": json.loads(df.to_json(orient="records"))}
     if args.json:
@@ -92,6 +98,23 @@ def cmd_run(args):
     if not len(ok):
         raise CloudbenchError(f"every point failed; see the logs in {store.dir / 'logs'}")
     return 0
+
+
+def upload(plan, store):
+    """--upload s3://...: the results directory goes there (the run has ended, well or not); returns the
+    destination. A failed upload is reported, never hides the run's own outcome, and the results stay here."""
+    if not plan.upload:
+        return None
+    from harness import objstore
+
+    try:
+        dest, files, size = objstore.upload(store.dir, plan.upload, store.run_id, plan.s3_endpoint)
+    except CloudbenchError as e:
+        print(f"cloudbench: upload failed, the results are only in {store.dir}: {e}", file=sys.stderr)
+        return None
+    store.update_state(uploaded_to=dest)
+    print(f"cloudbench: uploaded {files} file(s), {size} bytes to {dest}", file=sys.stderr)
+    return dest
 
 
 def provider_options(args, options=None):
@@ -106,9 +129,11 @@ def provider_options(args, options=None):
         options[k] = v
     if args.inventory:
         options["inventory"] = os.path.abspath(args.inventory)
-    for flag in ("cloud", "provisioner"):
+    for flag in ("cloud", "provisioner", "region"):
         if getattr(args, flag, None):
             options[flag] = getattr(args, flag)
+    if getattr(args, "spot", False):
+        options["spot"] = "true"
     return options
 
 
@@ -257,6 +282,15 @@ def cmd_lab(args):
                      emulate=tuple(args.emulate or ()))
     elif args.action == "down":
         out = lab.down(args.name)
+    elif args.action == "env":
+        out = lab.env(args.name)
+        if args.json:
+            print(json.dumps(out))
+        else:
+            import shlex
+
+            print("".join(f"export {k}={shlex.quote(v)}\n" for k, v in out.items()), end="")
+        return 0
     else:
         out = lab.status(args.name)
     if args.json:
@@ -272,8 +306,11 @@ def cmd_lab(args):
                   f"rate {h['rate']}  sshd {'up' if h['sshd'] else 'DOWN'}")
         print(f"inventory  {out['inventory']}")
         for name, emu in (out.get("emulators") or {}).items():
-            print(f"{name:10s} {emu.get('auth_url') or emu.get('url')}  {'up' if emu.get('alive') else 'DOWN'}"
-                  + (f"  clouds.yaml {emu['clouds_yaml']} (cloud cloudbench-lab)" if emu.get("clouds_yaml") else ""))
+            print(f"{name:10s} {emu.get('url')}  {'up' if emu.get('alive') else 'DOWN'}"
+                  + (f"  clouds.yaml {emu['clouds_yaml']} (cloud cloudbench-lab)" if emu.get("clouds_yaml") else "")
+                  + (f"  profile {emu['profile']} ({emu['aws_config']})" if emu.get("aws_config") else ""))
+        if out.get("emulators"):
+            print(f'variables  eval "$(cloudbench lab env --name {out["name"]})"')
     return 0
 
 
@@ -303,7 +340,11 @@ def parser():
     r.add_argument("--batch-size", help="per rank (default: recipe on GPUs, 8 on CPU workers)")
     r.add_argument("--steps", help="measured steps per launch (default 20)")
     r.add_argument("--warmup", help="warm-up steps per launch, not timed (default 5)")
-    r.add_argument("--data", help="synthetic (default) or an HDF5 path on the nodes")
+    r.add_argument("--data", help="synthetic (default), an HDF5 path on the nodes, or s3://BUCKET/PREFIX (each node "
+                                  "downloads its share of the .h5 objects)")
+    r.add_argument("--upload", metavar="S3_URL", help="s3://BUCKET/PREFIX: put the results directory there at the end")
+    r.add_argument("--s3-endpoint", metavar="URL", help="S3 endpoint for --data/--upload (default: boto3's, e.g. "
+                                                         "AWS_ENDPOINT_URL); Exoscale SOS: https://sos-ZONE.exo.io")
     r.add_argument("--engine", help="gloo (default) or mpi")
     r.add_argument("--precision", help="fp32 (default), bf16, fp16 (GPUs)")
     r.add_argument("--epoch-events", help="training events per epoch for time/cost per epoch")
@@ -312,6 +353,8 @@ def parser():
     r.add_argument("--inventory", help="ssh provider: the hosts' inventory YAML (e.g. `cloudbench lab status`)")
     r.add_argument("--cloud", help="openstack provider: the clouds.yaml entry (default $OS_CLOUD, else OS_*)")
     r.add_argument("--provisioner", help="openstack provider: sdk (default, libcloud) or terraform")
+    r.add_argument("--region", help="aws: the region; exoscale: the zone (default: the profile's/environment's)")
+    r.add_argument("--spot", action="store_true", help="aws: spot instances")
     r.add_argument("--results", default=str(RUNS), help="runs directory (default results/runs)")
     r.add_argument("--resume", metavar="RUN_ID", help="finish an interrupted run")
     r.add_argument("--dry-run", action="store_true", help="print fleet, points and cost; buy nothing")
@@ -359,6 +402,7 @@ def parser():
     g.add_argument("--dry-run", action="store_true")
     g.add_argument("--inventory", help="ssh provider: the inventory whose hosts to scan")
     g.add_argument("--cloud", help="openstack provider: the clouds.yaml entry whose project to scan")
+    g.add_argument("--region", help="aws: the region to scan; exoscale: the zone")
     g.add_argument("--option", action="append", metavar="KEY=VALUE", help="provider option (repeatable)")
     g.add_argument("--json", action="store_true")
     g.set_defaults(fn=cmd_gc)
@@ -366,7 +410,8 @@ def parser():
     lab = sub.add_parser("lab", help="hosts on this machine: network namespaces with sshd (needs root)")
     lsub = lab.add_subparsers(dest="action", required=True)
     for action, text in (("up", "create the lab"), ("down", "remove the lab (safe to repeat)"),
-                         ("status", "show hosts and the inventory path")):
+                         ("status", "show hosts and the inventory path"),
+                         ("env", "print the variables that point the providers at the lab's emulators (eval it)")):
         a = lsub.add_parser(action, help=text)
         a.add_argument("--name", default="lab", help="lab name, 1-6 lower-case letters/digits (default lab)")
         a.add_argument("--json", action="store_true")
@@ -374,7 +419,7 @@ def parser():
             a.add_argument("--hosts", type=int, default=2)
             a.add_argument("--bandwidth", default=None, help="per-host egress limit, e.g. 100mbit (tc tbf)")
             a.add_argument("--slots", type=int, default=None, help="ranks per host (default: this machine's cores / hosts, at least 1)")
-            a.add_argument("--emulate", action="append", choices=["openstack"],
+            a.add_argument("--emulate", action="append", choices=["openstack", "aws", "exoscale"],
                            help="also start a cloud API emulator whose servers are the lab hosts (repeatable)")
         a.set_defaults(fn=cmd_lab)
 

@@ -1,6 +1,7 @@
 """The lab: N hosts on this machine as network namespaces on a bridge, each with its own sshd.
 
-    cloudbench lab up --hosts 2 [--bandwidth 1gbit] [--name lab] [--emulate openstack]
+    cloudbench lab up --hosts 2 [--bandwidth 1gbit] [--name lab] [--emulate openstack|aws|exoscale]
+    eval "$(cloudbench lab env [--name lab])"
     cloudbench lab status [--name lab] [--json]
     cloudbench lab down [--name lab]
 
@@ -15,6 +16,10 @@ included) and is safe to repeat. The lab only uses addresses it created.
 
 ``--emulate openstack`` also starts a loopback OpenStack API (``harness.emulators.openstack``, a daemon whose
 ACTIVE servers are the lab hosts) and writes ``<state>/clouds.yaml`` with its entry ``cloudbench-lab``.
+``--emulate aws`` starts moto behind a proxy whose EC2 instances are lab hosts (``harness.emulators.aws``; S3
+too) and writes ``aws-config``/``aws-credentials`` with profile ``cloudbench-lab``; ``--emulate exoscale``
+starts the Exoscale API v2 emulator. Both listen on the bridge address, so lab hosts reach them too (S3
+downloads). ``cloudbench lab env`` prints the variables that point every provider at the emulators.
 """
 from __future__ import annotations
 
@@ -35,8 +40,12 @@ from harness.errors import CloudbenchError
 STATE_ROOT = Path(os.environ.get("CLOUDBENCH_LAB_DIR", "/run/cloudbench-lab"))
 SSHD = "/usr/sbin/sshd"
 RATE = re.compile(r"^\d+(\.\d+)?(bit|kbit|mbit|gbit|tbit)$")
-EMULATORS = {"openstack": "harness.emulators.openstack"}  # --emulate name -> module run as a daemon
-CLOUD_NAME = "cloudbench-lab"  # the clouds.yaml entry of the OpenStack emulator
+# --emulate name -> module run as a daemon
+EMULATORS = {"openstack": "harness.emulators.openstack", "aws": "harness.emulators.aws",
+             "exoscale": "harness.emulators.exoscale"}
+CLOUD_NAME = "cloudbench-lab"  # the clouds.yaml entry of the OpenStack emulator, the AWS profile of the lab
+# The lab's AWS instances: a CPU type of one core (DefaultCores 1), as a lab host has.
+AWS_LAB_SETTINGS = {"device": "cpu", "instance_types": "c5.large", "user": "root"}
 _DAEMONS = {}  # pid -> Popen of emulators this process started (reaped when down kills them)
 
 
@@ -230,6 +239,8 @@ def _emulator_up(d, state, kind):
     """Start emulator ``kind`` as a daemon (own session, log in the state dir) and record where it listens."""
     log = d / f"{kind}-emulator.log"
     cmd = [sys.executable, "-m", EMULATORS[kind], "serve", "--lab", state["name"], "--port", "0"]
+    if kind in ("aws", "exoscale"):  # on the bridge: reachable from this machine and from the hosts (S3 downloads)
+        cmd += ["--host", state["subnet"].rsplit(".", 1)[0] + ".1"]
     with open(log, "w") as out:
         p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                              start_new_session=True, cwd=str(Path(__file__).resolve().parents[1]))
@@ -253,10 +264,54 @@ def _emulator_up(d, state, kind):
         urllib.request.urlopen(info["auth_url"], timeout=10).read()
     except OSError as e:
         raise LabError(f"the {kind} emulator at {info['url']} does not answer: {e}") from None
-    rec = {"pid": p.pid, "url": info["url"], "auth_url": info["auth_url"], "log": str(log)}
+    rec = {"pid": p.pid, "url": info["url"], "auth_url": info["auth_url"], "log": str(log),
+           "credentials": info.get("credentials")}
     if kind == "openstack":
         rec["clouds_yaml"] = str(_write_clouds_yaml(d, info))
+    elif kind == "aws":
+        rec.update(region=info["region"], image_id=info.get("image_id"), profile=CLOUD_NAME,
+                   **_write_aws_config(d, info))
+    elif kind == "exoscale":
+        rec.update(zone=info["zone"])
     state["emulators"][kind] = rec
+
+
+def _write_aws_config(d, info):
+    """AWS config and credentials files with profile ``cloudbench-lab``: the emulator's endpoint, region and
+    keys, and cloudbench's lab settings as ``cloudbench_*`` keys (botocore ignores keys it does not know)."""
+    c = info["credentials"]
+    settings = {**AWS_LAB_SETTINGS, **({"ami": info["image_id"]} if info.get("image_id") else {})}
+    config, creds = d / "aws-config", d / "aws-credentials"
+    config.write_text(f"[profile {CLOUD_NAME}]\nregion = {info['region']}\nendpoint_url = {info['url']}\n"
+                      + "".join(f"cloudbench_{k} = {v}\n" for k, v in settings.items()))
+    creds.write_text(f"[{CLOUD_NAME}]\naws_access_key_id = {c['aws_access_key_id']}\n"
+                     f"aws_secret_access_key = {c['aws_secret_access_key']}\n")
+    creds.chmod(0o600)
+    return {"aws_config": str(config), "aws_credentials": str(creds)}
+
+
+def env(name="lab"):
+    """The standard variables that point every provider's client at the lab's emulators (for
+    ``eval "$(cloudbench lab env)"``): OpenStack's clouds.yaml, boto3's profile, endpoint and keys, Exoscale's
+    key, secret, endpoint and zone."""
+    try:
+        state = json.loads((state_dir(name) / "state.json").read_text())
+    except FileNotFoundError:
+        raise LabError(f"lab {name!r} is not up (`cloudbench lab up --name {name} --emulate ...` first)") from None
+    out = {}
+    for kind, e in (state.get("emulators") or {}).items():
+        if kind == "openstack":
+            out.update(OS_CLIENT_CONFIG_FILE=e["clouds_yaml"], OS_CLOUD=CLOUD_NAME)
+        elif kind == "aws":
+            c = e["credentials"]
+            out.update(AWS_CONFIG_FILE=e["aws_config"], AWS_SHARED_CREDENTIALS_FILE=e["aws_credentials"],
+                       AWS_PROFILE=CLOUD_NAME, AWS_ENDPOINT_URL=e["url"], AWS_DEFAULT_REGION=e["region"],
+                       AWS_ACCESS_KEY_ID=c["aws_access_key_id"], AWS_SECRET_ACCESS_KEY=c["aws_secret_access_key"])
+        elif kind == "exoscale":
+            c = e["credentials"]
+            out.update(EXOSCALE_API_KEY=c["key"], EXOSCALE_API_SECRET=c["secret"], EXOSCALE_API_ENDPOINT=e["url"],
+                       EXOSCALE_ZONE=e["zone"], CLOUDBENCH_EXOSCALE_PROFILE="lab")
+    return out
 
 
 def _write_clouds_yaml(d, info):
@@ -390,7 +445,7 @@ def status(name="lab"):
         hosts.append({"name": h["name"], "address": h["address"], "port": 22, "netns": h["netns"],
                       "slots": h["slots"], "cpus": h.get("cpus"), "rate": state["bandwidth"] or "unlimited",
                       "sshd": bool(alive)})
-    emulators = {kind: {"url": e.get("url"), "auth_url": e.get("auth_url"), "clouds_yaml": e.get("clouds_yaml"),
+    emulators = {kind: {**{k: v for k, v in e.items() if k not in ("pid", "log")},
                         "alive": bool(e.get("pid")) and e["pid"] in _emulator_pids(name, state) and _alive(e["pid"])}
                  for kind, e in (state.get("emulators") or {}).items()}
     return {"name": name, "up": True, "subnet": state["subnet"], "bridge": state["bridge"], "hosts": hosts,

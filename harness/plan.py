@@ -32,7 +32,9 @@ class RunPlan:
     batch_size: Optional[int] = None  # per rank; None: recipe on GPUs, CPU_DEFAULT_BATCH on CPU workers
     steps: int = 20
     warmup: int = 5
-    data: str = "synthetic"
+    data: str = "synthetic"  # or an HDF5 path on the nodes, or s3://bucket/prefix (staged onto the nodes)
+    upload: Optional[str] = None  # s3://bucket/prefix: the results directory goes there when the run ends
+    s3_endpoint: Optional[str] = None  # S3 endpoint for data and upload (default: boto3's)
     engine: str = "gloo"
     precision: str = "fp32"
     epoch_events: Optional[int] = None
@@ -140,7 +142,19 @@ def build(file_fields=None, **flags):
         v["batch_size"] = _int("batch-size", raw["batch_size"], 1)
     v["steps"] = _int("steps", raw.get("steps", 20), 1)
     v["warmup"] = _int("warmup", raw.get("warmup", 5), 0)
-    v["data"] = str(raw.get("data", "synthetic"))
+    v["data"] = str(raw.get("data") or "synthetic")
+    if v["data"].startswith("s3://") or raw.get("upload"):
+        from harness import objstore
+
+        if v["data"].startswith("s3://"):
+            objstore.parse(v["data"], "data")
+        if raw.get("upload"):
+            v["upload"] = str(raw["upload"])
+            objstore.parse(v["upload"], "upload")
+    if raw.get("s3_endpoint"):
+        v["s3_endpoint"] = str(raw["s3_endpoint"])
+        if not re.match(r"https?://[^/\s]+", v["s3_endpoint"]):
+            raise PlanError("s3-endpoint", v["s3_endpoint"], "an http(s):// URL")
     v["engine"] = _choice("engine", raw.get("engine", "gloo"), ENGINES)
     v["precision"] = _choice("precision", raw.get("precision", "fp32"), PRECISIONS)
     if raw.get("epoch_events") is not None:

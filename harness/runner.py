@@ -31,9 +31,27 @@ def _raise_interrupt(signum, frame):
     raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
 
 
-def trainer_args(plan: hplan.RunPlan):
+def trainer_args(plan: hplan.RunPlan, data=None):
+    """``data``: the trainer's data arguments when they are not the plan's (files staged onto the nodes)."""
     return ("--variant", plan.variant, "--batch-size", str(plan.batch_size), "--steps", str(plan.steps),
-            "--warmup", str(plan.warmup), "--data", plan.data, "--precision", plan.precision)
+            "--warmup", str(plan.warmup), *(data or ("--data", plan.data)), "--precision", plan.precision)
+
+
+def stage_data(plan, store, provider, fleet):
+    """--data s3://...: each node downloads its share; returns the trainer's data arguments (None otherwise)."""
+    if not plan.data.startswith("s3://"):
+        return None
+    from harness import objstore
+
+    if not hasattr(provider, "stage"):
+        raise hplan.PlanError("data", plan.data, f"a local path: the {plan.provider} provider cannot stage "
+                                                 "object storage onto its nodes")
+    assignments, mode = objstore.shards(plan.data, len(fleet.nodes), plan.s3_endpoint)
+    path = provider.stage(fleet, assignments)
+    store.write_json("data.json", {"source": plan.data, "path": path, "shard": mode,
+                                   "files": [[name for name, _ in a] for a in assignments]})
+    log.info("data from %s staged on %d node(s) at %s (%s shards)", plan.data, len(fleet.nodes), path, mode)
+    return ("--data", path, "--data-shard", mode)
 
 
 def parse_summary(metrics_path):
@@ -104,6 +122,7 @@ def execute(plan: hplan.RunPlan, store: RunStore, provider, progress=True):
         fleet = provider.provision(spec, on_record=lambda f: store.write_json("fleet.json", f.to_dict()))
         store.write_json("fleet.json", fleet.to_dict())
         provider.deploy(fleet)
+        data = stage_data(plan, store, provider, fleet)
         # CPU workers: each rank gets the same core share at every point (the 1-rank baseline included).
         cpus_per_rank = None
         if fleet.device == "cpu":
@@ -114,7 +133,8 @@ def execute(plan: hplan.RunPlan, store: RunStore, provider, progress=True):
             for rep in range(1, plan.repetitions + 1):
                 if (gpus, rep) in done:
                     continue
-                run_point(plan, store, provider, fleet, gpus, rep, cpus_per_rank, progress, calib.get(str(gpus)))
+                run_point(plan, store, provider, fleet, gpus, rep, cpus_per_rank, progress, calib.get(str(gpus)),
+                          data)
         store.update_state(state="finished", finished_at=dt.datetime.now(dt.timezone.utc).isoformat())
         return store.samples()
     except Interrupted:
@@ -157,11 +177,11 @@ def calibrate(plan, store, provider, fleet, cpus_per_rank, progress=True):
     return found
 
 
-def run_point(plan, store, provider, fleet, gpus, rep, cpus_per_rank, progress, calib=None):
+def run_point(plan, store, provider, fleet, gpus, rep, cpus_per_rank, progress, calib=None, data=None):
     log_path, metrics_path = store.log_paths(gpus, rep)
     if os.path.exists(metrics_path):  # a resumed point starts from a clean metrics file
         os.remove(metrics_path)
-    job = base.Job(run_id=store.run_id, ranks=gpus, trainer_args=trainer_args(plan), metrics_path=metrics_path,
+    job = base.Job(run_id=store.run_id, ranks=gpus, trainer_args=trainer_args(plan, data), metrics_path=metrics_path,
                    log_path=log_path, timeout_s=plan.point_timeout_s, cpus_per_rank=cpus_per_rank)
     nodes = len(fleet.placement(gpus))
     row = {"run_id": store.run_id, "provider": fleet.provider, "instance_type": fleet.instance_type,

@@ -6,6 +6,7 @@ in its environment, which is the tag teardown and gc look for.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from harness.errors import ProviderError
 from providers.base import (TAG, Capabilities, Fleet, FleetSpec, Job, JobResult, Node, Offering, Resource,
@@ -76,7 +78,7 @@ class LocalProvider:
         bw, latency = measure_tcp_link()  # Gloo's ranks talk TCP over loopback here
         fleet = Fleet(run_id=spec.run_id, provider=self.name, instance_type=off.instance_type, nodes=(node,),
                       price_per_hour=None, engine=spec.engine,
-                      extra=(("link_bandwidth_Bps", bw), ("link_latency_s", latency)))
+                      extra=(("link_bandwidth_Bps", bw), ("link_latency_s", latency), ("workdir", spec.workdir)))
         on_record(fleet)
         return fleet
 
@@ -89,6 +91,15 @@ class LocalProvider:
         gloo, mpi = p.stdout.split()[-2:]
         if fleet.engine == "mpi" and (mpi != "True" or not tool("mpirun")):
             raise ProviderError("engine mpi needs mpirun and Horovod built with MPI; use engine gloo")
+
+    def stage(self, fleet: Fleet, assignments):
+        """Download this node's files into the run's directory (data/); returns that directory."""
+        from harness import objstore
+
+        dest = Path(dict(fleet.extra).get("workdir") or ".") / "data"
+        got = objstore.fetch_here(assignments[0], dest)
+        logging.getLogger("cloudbench").info("staged %d file(s), %d bytes into %s", got["files"], got["bytes"], dest)
+        return str(dest)
 
     def command(self, fleet: Fleet, job: Job):
         trainer = [sys.executable, "-m", job.module, *job.trainer_args, "--metrics-out", job.metrics_path]

@@ -20,27 +20,25 @@ come from the console log (cloud-init prints them), so SSH never trusts on first
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import socket
-import subprocess
 import time
 from pathlib import Path
 
 from requests.exceptions import RequestException
 
 from harness.errors import CloudbenchError, PlanError, ProviderError
-from providers.base import TAG, Capabilities, Fleet, FleetSpec, Job, Node, Offering, Resource
+from providers import cloudvm
+from providers.base import TAG, Capabilities, Fleet, FleetSpec, Job, Offering, Resource
 from providers.local import harness_owner, owner_alive
 from providers.openstack import config as osconfig
-from providers.ssh import SSHProvider, require_tools
+from providers.ssh import require_tools
 
 log = logging.getLogger("cloudbench")
 OWNER_KEY = "cloudbench-owner"
 NO_VALID_HOST = ("no valid host", "not enough hosts available", "insufficient capacity")
 RUN_ID = re.compile(r"\d{8}-\d{6}-[a-z0-9_.-]+-[0-9a-f]{4}")  # harness.results.new_run_id
-HOST_KEYS = re.compile(r"-----BEGIN SSH HOST KEY KEYS-----(.*?)-----END SSH HOST KEY KEYS-----", re.S)
 
 
 class CapacityError(ProviderError):
@@ -283,11 +281,7 @@ class OpenStackProvider:
             offers = [o for o in offers if o.instance_type == instance_type]
             if not offers:
                 raise PlanError("instance-type", instance_type, "a flavor of cloud " + self.cloud.name)
-        shaped = [(o, math.ceil(slots / o.slots)) for o in offers]
-        if instance_type or osconfig.as_list(self.setting("flavors")):
-            return shaped
-        exact = [(o, n) for o, n in shaped if n * o.slots == slots]
-        return sorted(exact or shaped, key=lambda s: (s[1] * s[0].slots - slots, s[1], s[0].instance_type))
+        return cloudvm.fit(offers, slots, ordered=bool(instance_type or osconfig.as_list(self.setting("flavors"))))
 
     # -- provision --------------------------------------------------------------------------------
     def state_dir(self, spec_or_run):
@@ -317,7 +311,7 @@ class OpenStackProvider:
                 where = f"{n} x {offer.instance_type}" + (f" in {zone}" if zone else "")
                 try:
                     self._check_quota(offer, n)
-                    log.info("openstack: %s (%s)", where, self._shape_text(offer, n))
+                    log.info("openstack: %s (%s)", where, cloudvm.shape_text(offer, n))
                     servers, k = self._servers(run, offer, n, zone, image, network, key, sg)
                     replaced += k
                 except CapacityError as e:
@@ -329,11 +323,6 @@ class OpenStackProvider:
         raise ProviderError(f"no capacity for {spec.slots} slots on cloud {self.cloud.name}: tried "
                             + ", ".join(f"{n} x {o.instance_type}" for o, n in shapes)
                             + (f" in zones {', '.join(zones)}" if zones != [None] else "") + f" (last: {last})")
-
-    @staticmethod
-    def _shape_text(offer, n):
-        what = f"{offer.gpus} {offer.gpu_model or 'GPU'}" if offer.gpus else f"{offer.slots} vCPU"
-        return f"shape {n}x{offer.slots}: {n} server(s) of {what} each"
 
     def _image(self):
         want = self.setting("image")
@@ -360,17 +349,8 @@ class OpenStackProvider:
         raise PlanError("network", None, "the network for the servers (--option network=NAME); candidates: "
                         + ", ".join(sorted(n["name"] for n in private)))
 
-    @staticmethod
-    def _keygen(d):
-        """The run's own ssh key (kept with its results, so `cloudbench down` and resume can still log in)."""
-        key = d / "id_ed25519"
-        if not key.exists():
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"cloudbench-{d.parent.name}",
-                            "-f", str(key)], check=True, capture_output=True)
-        return (d / "id_ed25519.pub").read_text().strip()
-
     def _keypair(self, run, d):
-        pub = self._keygen(d)
+        pub = cloudvm.keygen(d)
         name = f"cb-{run}"
         try:
             self.api.compute("/os-keypairs", "POST", {"keypair": {"name": name, "public_key": pub}})
@@ -550,102 +530,36 @@ class OpenStackProvider:
 
     def _host_keys(self, server, address):
         """known_hosts lines for the server, from the console log (cloud-init's block) or ssh-keyscan."""
-        mode = self.setting("host_keys")
-        deadline = time.monotonic() + self.setting("ssh_timeout")
-        while mode == "console":
+        def console():
             out = self.api.compute(f"/servers/{server['id']}/action", "POST", {"os-getConsoleOutput": {"length": None}})
-            m = HOST_KEYS.search((out or {}).get("output") or "")
-            if m:
-                keys = [line.split()[:2] for line in m.group(1).strip().splitlines() if line.strip()]
-                return [f"{address} {k[0]} {k[1]}" for k in keys if len(k) == 2]
-            if time.monotonic() > deadline:
-                raise ProviderError(f"server {server['name']}: no SSH host keys in its console log after "
-                                    f"{self.setting('ssh_timeout'):.0f} s (an image without cloud-init? "
-                                    "--option host_keys=tofu trusts what ssh-keyscan sees instead)")
-            time.sleep(2)
-        while True:
-            p = subprocess.run(["ssh-keyscan", "-T", "5", "-t", "ed25519,ecdsa,rsa", address], capture_output=True,
-                               text=True)
-            lines = [line for line in p.stdout.splitlines() if line and not line.startswith("#")]
-            if lines:
-                log.warning("openstack: trusting the host keys ssh-keyscan saw on %s (host_keys=tofu)", address)
-                return lines
-            if time.monotonic() > deadline:
-                raise ProviderError(f"server {server['name']}: no SSH on {address} after "
-                                    f"{self.setting('ssh_timeout'):.0f} s")
-            time.sleep(2)
+            return (out or {}).get("output")
+        return cloudvm.host_keys(self.name, f"server {server['name']}", address, console, self.setting("host_keys"),
+                                 self.setting("ssh_timeout"))
 
     def _finish(self, spec, offer, n, zone, servers, network, d, replaced, on_record, base_extra):
-        run = spec.run_id
-        floating = self._floating_ips(run, servers) if self.setting("floating_ip_pool") else {}
-        hosts, known = [], []
-        user = self.setting("user") or "root"
+        floating = self._floating_ips(spec.run_id, servers) if self.setting("floating_ip_pool") else {}
+        machines = []
         for s in servers:
             fixed = self._address(s, network)[1]
             addr = floating.get(s["id"]) or fixed
             if not addr:
                 raise ProviderError(f"server {s['name']} has no IPv4 address on {network['name']}")
-            keys = self._host_keys(s, addr)
-            known += keys
-            host = {"name": s["name"], "address": addr, "slots": offer.slots, "user": user,
-                    **({"gpu_model": offer.gpu_model} if offer.gpus else {})}
-            if fixed and fixed != addr:  # the servers reach each other on the network, not by floating IPs
-                host["internal_address"] = fixed
-                known += [f"{fixed} {k.split(' ', 1)[1]}" for k in keys]
-            hosts.append(host)
-        (d / "known_hosts").write_text("\n".join(known) + "\n")
-        inv = {"instance_type": offer.instance_type, "user": user, "key": str(d / "id_ed25519"),
-               "known_hosts": str(d / "known_hosts"), "workdir": self.setting("workdir"),
-               "lease_dir": f"{self.setting('workdir')}/leases", "deploy": "auto", "hosts": hosts}
-        if self.setting("python"):
-            inv["python"] = self.setting("python")
-        if offer.price_per_hour is not None:
-            inv["price_per_hour"], inv["currency"] = offer.price_per_hour, offer.currency
-        import yaml
-
-        (d / "inventory.yaml").write_text(yaml.safe_dump(inv, sort_keys=False))
-        ssh = self._ssh_for(run, d)
-        self._wait_ssh(ssh)
-        facts = ssh.each(list(ssh.inv.hosts), ssh._probe_host)
-        device = "gpu" if offer.gpus else "cpu"
-        for h, f in zip(ssh.inv.hosts, facts):
-            if device == "gpu" and f["gpus"] < offer.gpus:
-                raise ProviderError(f"flavor {offer.instance_type} promises {offer.gpus} GPU(s) but nvidia-smi on "
-                                    f"{h.name} finds {f['gpus']} (does the image carry the NVIDIA driver?)")
-        extra = [*base_extra, ("inventory", str(d / "inventory.yaml")), ("flavor", offer.instance_type),
-                 ("shape", self._shape_text(offer, n)), ("zone", zone), ("servers", [s["id"] for s in servers]),
-                 ("replaced_servers", replaced), ("floating_ips", sorted(floating.values())),
-                 *ssh.fleet_facts(list(ssh.inv.hosts), facts, device)]
-        nodes = tuple(Node(name=h.name, address=h.address, slots=h.slots, device=device,
-                           gpu_model=offer.gpu_model if offer.gpus else None,
-                           extra=(("user", h.user), ("port", h.port), ("server", s["id"])))
-                      for h, s in zip(ssh.inv.hosts, servers))
-        fleet = Fleet(run_id=run, provider=self.name, instance_type=offer.instance_type, nodes=nodes,
-                      price_per_hour=offer.price_per_hour, currency=offer.currency, engine=spec.engine,
-                      extra=tuple(extra))
-        on_record(fleet)
-        log.info("openstack: %s ready (%s%s)", ", ".join(f"{h['name']} {h['address']}" for h in hosts),
-                 self._shape_text(offer, n), f", {replaced} server(s) replaced" if replaced else "")
+            machines.append({"name": s["name"], "address": addr, "internal_address": fixed, "id": s["id"],
+                             "known": self._host_keys(s, addr)})
+        extra = [*base_extra, ("flavor", offer.instance_type), ("shape", cloudvm.shape_text(offer, n)), ("zone", zone),
+                 ("servers", [s["id"] for s in servers]), ("replaced_servers", replaced),
+                 ("floating_ips", sorted(floating.values()))]
+        fleet, self._ssh[spec.run_id] = cloudvm.ssh_fleet(
+            self.name, spec, offer, machines, d, user=self.setting("user") or "root", workdir=self.setting("workdir"),
+            python=self.setting("python"), ssh_timeout=self.setting("ssh_timeout"), extra=extra, on_record=on_record)
+        if replaced:
+            log.info("openstack: %d server(s) replaced", replaced)
         return fleet
 
     def _ssh_for(self, run, d=None):
         if run not in self._ssh:
-            d = d or self.state_dir(run)
-            self._ssh[run] = SSHProvider(inventory=str(d / "inventory.yaml"))
+            self._ssh[run] = cloudvm.ssh_for(d or self.state_dir(run))
         return self._ssh[run]
-
-    def _wait_ssh(self, ssh):
-        deadline = time.monotonic() + self.setting("ssh_timeout")
-        for h in ssh.inv.hosts:
-            while True:
-                try:
-                    ssh.remote(h, "true", timeout=30)
-                    break
-                except ProviderError as e:
-                    if time.monotonic() > deadline:
-                        raise ProviderError(f"server {h.name}: SSH did not come up within "
-                                            f"{self.setting('ssh_timeout'):.0f} s: {e}") from None
-                    time.sleep(2)
 
     # -- deploy and launch: SSH, as the ssh provider does it -----------------------------------------
     def _fleet_ssh(self, fleet):
@@ -781,7 +695,7 @@ class OpenStackProvider:
                 d.mkdir(parents=True, exist_ok=True)
                 offer, _ = self.shapes(spec.slots, spec.instance_type)[0]
                 network = self._network()
-                self._keygen(d)
+                cloudvm.keygen(d)
                 var = {"cloud": "" if self.cloud.name == "env" else self.cloud.name, "flavor": offer.instance_type,
                        "image": self._image().id, "network": network["id"],
                        "floating_ip_pool": self.setting("floating_ip_pool") or "",

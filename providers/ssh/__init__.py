@@ -450,6 +450,21 @@ class SSHProvider:
         self._deployed[fleet.run_id] = {**setup, "rdir": rdir}
         log.info("deployed (%s) on %s", setup["mode"], ", ".join(h.name for h in hosts))
 
+    def stage(self, fleet: Fleet, assignments):
+        """Each node downloads its files ([(name, url)] per node, in fleet order) into the run's scratch, which
+        teardown removes; returns that directory (the same path on every node)."""
+        from harness import objstore
+
+        d = self._deployed[fleet.run_id]
+        dest = f"{d['rdir']}/data"
+        hosts = [self.inv.host(n.name) for n in fleet.nodes]
+        cmd = " ".join(shlex.quote(x) for x in objstore.fetch_command(d["python"], dest))
+        got = self.each(hosts, lambda h: self.remote(h, cmd, input=json.dumps(assignments[hosts.index(h)]),
+                                                     timeout=3600))
+        for h, p in zip(hosts, got):
+            log.info("staged on %s: %s", h.name, p.stdout.strip().splitlines()[-1])
+        return dest
+
     def _probe_trainer(self, h: Host, python, pythonpath):
         cmd = (f"cd {shlex.quote(pythonpath)} 2>/dev/null && PYTHONPATH={shlex.quote(pythonpath)} "
                f"{shlex.quote(python)} -c {shlex.quote(PROBE)} {shlex.quote(pythonpath)}")

@@ -1,0 +1,145 @@
+"""What the VM clouds (openstack, aws, exoscale) share once their API has made the machines: a per-run SSH
+key, host keys known before the first connection, and a per-run ssh inventory, so deploy and launch are
+exactly the ssh provider's (deploy check, horovodrun from the first machine)."""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import yaml
+
+from harness.errors import ProviderError
+from providers.base import Fleet, Node
+from providers.ssh import SSHProvider
+
+log = logging.getLogger("cloudbench")
+HOST_KEYS = re.compile(r"-----BEGIN SSH HOST KEY KEYS-----(.*?)-----END SSH HOST KEY KEYS-----", re.S)
+
+
+def fit(offers, slots, ordered=False):
+    """(offering, machines) for ``slots`` ranks: every offering in its given order when ``ordered`` (the plan
+    named them), else the exact fits (no idle slot) before the others, fewest machines first."""
+    shaped = [(o, math.ceil(slots / o.slots)) for o in offers]
+    if ordered:
+        return shaped
+    exact = [(o, n) for o, n in shaped if n * o.slots == slots]
+    return sorted(exact or shaped, key=lambda s: (s[1] * s[0].slots - slots, s[1], s[0].instance_type))
+
+
+def shape_text(offer, n):
+    what = f"{offer.gpus} {offer.gpu_model or 'GPU'}" if offer.gpus else f"{offer.slots} vCPU"
+    return f"shape {n}x{offer.slots}: {n} machine(s) of {what} each"
+
+
+def keygen(d, name="id_ed25519"):
+    """The run's own ssh key in directory d (kept with its results, so `cloudbench down` and resume can still
+    log in); returns the public key line."""
+    key = Path(d) / name
+    if not key.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"cloudbench-{Path(d).parent.name}",
+                        "-f", str(key)], check=True, capture_output=True)
+    return key.with_name(name + ".pub").read_text().strip()
+
+
+def console_host_keys(text, address):
+    """known_hosts lines from cloud-init's host key block in a console log, or None when it is not there yet."""
+    m = HOST_KEYS.search(text or "")
+    if not m:
+        return None
+    keys = [line.split()[:2] for line in m.group(1).strip().splitlines() if line.strip()]
+    return [f"{address} {k[0]} {k[1]}" for k in keys if len(k) == 2] or None
+
+
+def host_keys(provider, name, address, console, mode, timeout):
+    """known_hosts lines for a new machine: from its console log (``console()`` returns the text, or None) when
+    mode is "console", else what ssh-keyscan sees (trust on first use, said in the log)."""
+    deadline = time.monotonic() + timeout
+    while mode == "console":
+        found = console_host_keys(console(), address)
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise ProviderError(f"{provider}: {name}: no SSH host keys in its console log after {timeout:.0f} s "
+                                "(an image without cloud-init? --option host_keys=tofu trusts what ssh-keyscan "
+                                "sees instead)")
+        time.sleep(2)
+    while True:
+        p = subprocess.run(["ssh-keyscan", "-T", "5", "-t", "ed25519,ecdsa,rsa", address], capture_output=True,
+                           text=True)
+        lines = [line for line in p.stdout.splitlines() if line and not line.startswith("#")]
+        if lines:
+            log.warning("%s: trusting the host keys ssh-keyscan saw on %s (host_keys=tofu)", provider, address)
+            return lines
+        if time.monotonic() > deadline:
+            raise ProviderError(f"{provider}: {name}: no SSH on {address} after {timeout:.0f} s")
+        time.sleep(2)
+
+
+def ssh_for(d):
+    return SSHProvider(inventory=str(Path(d) / "inventory.yaml"))
+
+
+def wait_ssh(provider, ssh, timeout):
+    deadline = time.monotonic() + timeout
+    for h in ssh.inv.hosts:
+        while True:
+            try:
+                ssh.remote(h, "true", timeout=30)
+                break
+            except ProviderError as e:
+                if time.monotonic() > deadline:
+                    raise ProviderError(f"{provider}: {h.name}: SSH did not come up within {timeout:.0f} s: {e}") \
+                        from None
+                time.sleep(2)
+
+
+def ssh_fleet(provider, spec, offer, machines, d, *, user, workdir, python=None, ssh_timeout=300.0, extra=(),
+              on_record=None):
+    """The fleet over SSH: writes known_hosts and inventory.yaml in d, waits for SSH, probes every machine
+    (a GPU instance type whose GPUs nvidia-smi does not find is refused) and returns (Fleet, SSHProvider).
+
+    ``machines``: dicts with name, address, known (known_hosts lines for that address), id, and optionally
+    internal_address (how the machines reach each other when it differs: floating or public IPs)."""
+    d = Path(d)
+    hosts, known = [], []
+    for m in machines:
+        known += m["known"]
+        host = {"name": m["name"], "address": m["address"], "slots": offer.slots, "user": user,
+                **({"gpu_model": offer.gpu_model} if offer.gpus else {})}
+        if m.get("internal_address") and m["internal_address"] != m["address"]:
+            host["internal_address"] = m["internal_address"]
+            known += [f"{m['internal_address']} {k.split(' ', 1)[1]}" for k in m["known"]]
+        hosts.append(host)
+    (d / "known_hosts").write_text("\n".join(known) + "\n")
+    inv = {"instance_type": offer.instance_type, "user": user, "key": str(d / "id_ed25519"),
+           "known_hosts": str(d / "known_hosts"), "workdir": workdir, "lease_dir": f"{workdir}/leases",
+           "deploy": "auto", "hosts": hosts}
+    if python:
+        inv["python"] = python
+    if offer.price_per_hour is not None:
+        inv["price_per_hour"], inv["currency"] = offer.price_per_hour, offer.currency
+    (d / "inventory.yaml").write_text(yaml.safe_dump(inv, sort_keys=False))
+    ssh = ssh_for(d)
+    wait_ssh(provider, ssh, ssh_timeout)
+    facts = ssh.each(list(ssh.inv.hosts), ssh._probe_host)
+    device = "gpu" if offer.gpus else "cpu"
+    for h, f in zip(ssh.inv.hosts, facts):
+        if device == "gpu" and f["gpus"] < offer.gpus:
+            raise ProviderError(f"{provider}: instance type {offer.instance_type} promises {offer.gpus} GPU(s) but "
+                                f"nvidia-smi on {h.name} finds {f['gpus']} (does the image carry the NVIDIA driver?)")
+    nodes = tuple(Node(name=h.name, address=h.address, slots=h.slots, device=device,
+                       gpu_model=offer.gpu_model if offer.gpus else None,
+                       extra=(("user", h.user), ("port", h.port), ("server", m["id"])))
+                  for h, m in zip(ssh.inv.hosts, machines))
+    fleet = Fleet(run_id=spec.run_id, provider=provider, instance_type=offer.instance_type, nodes=nodes,
+                  price_per_hour=offer.price_per_hour, currency=offer.currency, engine=spec.engine,
+                  extra=(*extra, ("inventory", str(d / "inventory.yaml")),
+                         *ssh.fleet_facts(list(ssh.inv.hosts), facts, device)))
+    if on_record:
+        on_record(fleet)
+    log.info("%s: %s ready", provider, ", ".join(f"{h['name']} {h['address']}" for h in hosts))
+    return fleet, ssh

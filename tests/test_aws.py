@@ -1,0 +1,179 @@
+"""The aws provider against moto behind the AWS emulator, whose instances are lab hosts (SSH deploy and
+horovodrun for real): the done-when run with S3 data and upload, capacity/limit/throttle/lost-answer faults,
+spot interruption, kill -9 then gc. The lab and emulator start once for the module."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from harness import lab
+from harness.errors import PointFailed, ProviderError
+from providers import prices
+from providers.aws import AwsProvider
+from providers.base import FleetSpec, Job
+from conftest import BIN
+from test_run_local import ROOT, cloudbench, run_ok
+
+SMALL = ["--variant", "small", "--steps", "20", "--warmup", "5", "--no-progress"]
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
+
+
+def test_price_catalog_unknown_is_none_and_zero_is_refused(tmp_path):
+    p = prices.lookup("aws", "us-east-1", "p4d.24xlarge")
+    assert p and p.price_per_hour > 10 and p.currency == "USD" and p.source and p.date
+    assert prices.lookup("aws", "us-east-1", "no.such") is None
+    assert prices.lookup("exoscale", "ch-gva-2", "gpu2.small").price_per_hour is None  # listed, price unknown
+    f = tmp_path / "p.csv"
+    f.write_text(",".join(prices.COLUMNS) + "\naws,r,t,,0,0,USD,s,2025-01-01\n")
+    with pytest.raises(ValueError, match="never 0"):
+        prices.catalog("aws", str(f))
+
+
+@pytest.fixture(scope="module")
+def cloud():
+    """A 2-host lab with the AWS emulator; `cloudbench lab env` is what the tests' processes see."""
+    if os.geteuid() != 0:
+        pytest.skip("the lab needs root")
+    lab.down("awl")
+    st = lab.up(hosts=2, name="awl", slots=1, emulate=("aws",))
+    env = lab.env("awl")
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield {**st["emulators"]["aws"], "lab": st, "env": env}
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        lab.down("awl")
+
+
+def emulator(cloud, path, body=None):
+    req = urllib.request.Request(cloud["url"] + "/_emulator/" + path, method="POST" if body is not None else "GET",
+                                 data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read() or b"{}")
+
+
+def leftovers(cloud):
+    st = emulator(cloud, "state")
+    return {k: st[k] for k in ("instances", "security_groups", "key_pairs", "placement_groups") if st.get(k)}
+
+
+@pytest.fixture
+def clean(cloud):
+    emulator(cloud, "reset", {})
+    yield cloud
+    emulator(cloud, "faults", {k: 0 for k in emulator(cloud, "faults")["known"]})
+    assert not leftovers(cloud), leftovers(cloud)
+
+
+def provision(run_id, tmp_path, slots=2, **options):
+    p = AwsProvider(**options)
+    records = []
+    spec = FleetSpec(run_id=run_id, provider="aws", slots=slots, variant="small", workdir=str(tmp_path))
+    try:
+        fleet = p.provision(spec, records.append)
+    except BaseException:
+        p.teardown(run_id, records[-1] if records else None)
+        raise
+    return p, fleet
+
+
+@root_only
+def test_done_when_run_with_s3_data_and_upload_leaves_nothing(clean, tmp_path):
+    import boto3
+
+    from gan import showers
+
+    s3 = boto3.client("s3")
+    for bucket in ("cb-data", "cb-results"):
+        s3.create_bucket(Bucket=bucket)
+    for i in range(2):  # two files for two nodes: each node downloads its own
+        showers.write(tmp_path / f"shower_{i}.h5", "fixed", 64, seed=i)
+        s3.upload_file(str(tmp_path / f"shower_{i}.h5"), "cb-data", f"showers/shower_{i}.h5")
+    out, d, df = run_ok(tmp_path / "runs", "--provider", "aws", "--gpus", 2, *SMALL, "--repetitions", 1,
+                        "--data", "s3://cb-data/showers", "--upload", "s3://cb-results/nightly")
+    assert len(df) == 2 and set(df["instance_type"]) == {"c5.large"}
+    assert set(df["price_per_hour"]) == {0.085, 0.17} and set(df["currency"]) == {"USD"}  # per node, at launch
+    fleet = json.loads((d / "fleet.json").read_text())
+    extra = dict(map(tuple, fleet["extra"]))
+    assert extra["price_source"].startswith("apache-libcloud") and extra["price_date"] == "2025-03-02"
+    assert fleet["price_per_hour"] == 0.085 and extra["placement_group"] == f"cb-{out['run_id']}"
+    lab_hosts = {h["address"]: h["name"] for h in clean["lab"]["hosts"]}
+    assert {n["address"] for n in fleet["nodes"]} == set(lab_hosts)
+    # each node trained from the file it downloaded; the 2-rank point ran on both lab hosts
+    staged = json.loads((d / "data.json").read_text())
+    assert staged["shard"] == "local" and staged["files"] == [["shower_0.h5"], ["shower_1.h5"]]
+    two = df[df["gpus"] == 2].iloc[0]
+    summary = json.loads((d / two["metrics_path"]).read_text().splitlines()[-1])
+    assert summary["data"] == staged["path"]
+    assert {r["host"] for r in summary["ranks_placement"]} == set(lab_hosts.values())
+    # the results directory is in S3, the marker last
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="cb-results", Prefix="nightly/")["Contents"]}
+    base = f"nightly/{out['run_id']}/"
+    assert {base + "run.json", base + "samples.parquet", base + "fleet.json", base + "_UPLOADED"} <= keys
+    assert out["uploaded"] == f"s3://cb-results/{base}"
+    assert not leftovers(clean)
+
+
+@root_only
+def test_capacity_throttling_and_lost_answers_then_limits(clean, tmp_path):
+    zones = sorted(z["ZoneName"] for z in AwsProvider().ec2.describe_availability_zones()["AvailabilityZones"])
+    emulator(clean, "faults", {"insufficient_capacity": {"count": 5, "zones": [zones[0]]}, "throttle": 2,
+                               "lost_answer": 1})
+    p, fleet = provision("awsf1", tmp_path)
+    extra = dict(fleet.extra)
+    assert extra["zone"] != zones[0] and len(extra["instances"]) == 2
+    st = emulator(clean, "state")
+    assert len(st["instances"]) == 2  # the lost RunInstances answer was found by tag, not repeated
+    assert len(st["placement_groups"]) == 1 and len(st["key_pairs"]) == 1
+    p.teardown("awsf1", fleet)
+    assert not leftovers(clean)
+    emulator(clean, "faults", {"vcpu_limit": 1})
+    with pytest.raises(ProviderError, match="VcpuLimitExceeded.*limit"):
+        provision("awsf2", tmp_path)
+
+
+@root_only
+def test_spot_interruption_fails_the_points_that_need_the_instance(clean, tmp_path):
+    p, fleet = provision("awsspot", tmp_path, spot="true")
+    assert dict(fleet.extra)["spot"] is True and fleet.price_per_hour is None  # moto has no spot prices: unknown
+    victim = fleet.nodes[1]
+    emulator(clean, "interrupt", {"instance_id": dict(victim.extra)["server"]})
+    assert p._reclaimed(fleet) == {victim.name: "Server.SpotInstanceTermination: Spot instance termination"}
+    p._lost[fleet.run_id] = p._reclaimed(fleet)
+    job = Job(run_id=fleet.run_id, ranks=2, trainer_args=(), metrics_path=str(tmp_path / "m"),
+              log_path=str(tmp_path / "l"), timeout_s=60)
+    with pytest.raises(PointFailed, match="is gone"):
+        p.launch(fleet, job)
+    p.teardown("awsspot", fleet)
+
+
+@root_only
+def test_kill_9_during_provisioning_then_gc_leaves_nothing(clean, tmp_path):
+    exe = BIN / "cloudbench"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "harness.cli"]
+    proc = subprocess.Popen(cmd + ["run", "--provider", "aws", "--gpus", "2", *SMALL, "--results", str(tmp_path)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(leftovers(clean).get("instances", [])) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    dry = cloudbench("gc", "--provider", "aws", "--results", tmp_path, "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    kinds = {r["kind"] for r in json.loads(dry.stdout)["resources"]}
+    assert kinds >= {"instance", "security_group", "key_pair", "placement_group"}, kinds
+    p = cloudbench("gc", "--provider", "aws", "--results", tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert not leftovers(clean)
