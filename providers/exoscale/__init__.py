@@ -371,16 +371,18 @@ class ExoscaleProvider:
         return path.read_text(), path.with_name(path.name + ".pub").read_text().strip()
 
     def _instances_up(self, run, offer, n, t, template, key, sg, d):
-        made = []
+        """All n instances are asked for first (they boot in parallel), then each operation is followed."""
+        ops, made = [self._create(run, i, t, template, key, sg, d) for i in range(n)], []
         try:
-            for i in range(n):
-                made.append(self._create(run, i, t, template, key, sg, d))
+            for op in ops:
+                made.append(op if isinstance(op, str) else self._settle(op))
             return self._wait_running(made)
-        except CapacityError:
-            self._delete_instances([m for m in made if m])
+        except CapacityError:  # none of this shape stays: the next shape starts from nothing
+            self._delete_instances([x["id"] for x in self._tagged(run)])
             raise
 
     def _create(self, run, i, t, template, key, sg, d):
+        """The instance's id when it exists already, else the create operation."""
         name = f"cb-{run}-{i}"
         body = {"name": name, "instance-type": {"id": t["id"]}, "template": {"id": template},
                 "disk-size": int(self.setting("disk_size")), "ssh-key": {"name": key},
@@ -401,15 +403,24 @@ class ExoscaleProvider:
         if existing:
             return existing["reference"]["id"]
         try:
-            return self.api.operation(self.api.call("POST", "/instance", body, find=find),
-                                      timeout=float(self.setting("build_timeout")))["reference"]["id"]
+            return self.api.call("POST", "/instance", body, find=find)
         except ApiError as e:
-            text = str(e).lower()
-            if any(w in text for w in ("capacity", "no host", "insufficient", "unavailable")):
-                raise CapacityError(str(e)) from None
-            if "quota" in text or e.code == 403:
-                raise ProviderError(f"{e} (the organization's quota: ask Exoscale support for more)") from None
-            raise
+            raise self._create_error(e) from None
+
+    def _settle(self, op):
+        try:
+            return self.api.operation(op, timeout=float(self.setting("build_timeout")))["reference"]["id"]
+        except ApiError as e:
+            raise self._create_error(e) from None
+
+    @staticmethod
+    def _create_error(e):
+        text = str(e).lower()
+        if any(w in text for w in ("capacity", "no host", "insufficient", "unavailable")):
+            return CapacityError(str(e))
+        if "quota" in text:
+            return ProviderError(f"{e} (the organization's quota: ask Exoscale support for more)")
+        return e
 
     def _wait_running(self, ids):
         deadline = time.monotonic() + float(self.setting("build_timeout"))
@@ -473,7 +484,7 @@ class ExoscaleProvider:
             try:
                 self.api.operation(self.api.call("DELETE", f"/instance/{i}"))
             except ApiError as e:
-                if e.code != 404:
+                if e.code not in (404, 409):  # 409: already being deleted
                     raise
         deadline = time.monotonic() + timeout
         while True:
