@@ -141,7 +141,7 @@ class AwsProvider:
 
             kw = {"endpoint_url": self.options["endpoint_url"]} if self.options.get("endpoint_url") else {}
             self._ec2 = self.session.client("ec2", region_name=self.region, **kw, config=Config(
-                retries={"max_attempts": 1}, connect_timeout=10, read_timeout=60))
+                retries={"total_max_attempts": 1}, connect_timeout=10, read_timeout=60))  # retries are ours
         return self._ec2
 
     def call(self, what, method, find=None, **kw):
@@ -157,8 +157,8 @@ class AwsProvider:
             except bex.ClientError as e:
                 code = e.response.get("Error", {}).get("Code", "")
                 status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-                if code not in RETRY and status < 500:
-                    raise
+                if code in CAPACITY or code in LIMITS or (code not in RETRY and status < 500):
+                    raise  # InsufficientInstanceCapacity is a 500, but asking again in this zone will not help
                 why = f"{code or status}: {e.response.get('Error', {}).get('Message', '')}"
             except (bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ReadTimeoutError,
                     bex.ConnectTimeoutError) as e:
@@ -203,8 +203,8 @@ class AwsProvider:
     def instance_types(self):
         """{type: description} of the region's instance types (describe_instance_types), read once."""
         if self._types is None:
-            offered = {o["InstanceType"] for o in self.pages("describe_instance_type_offerings", "InstanceTypeOfferings",
-                                                            LocationType="region")}
+            offered = {o["InstanceType"] for o in self.pages(
+                "describe_instance_type_offerings", "InstanceTypeOfferings", LocationType="region")}
             self._types = {t["InstanceType"]: t for t in self.pages("describe_instance_types", "InstanceTypes")
                            if not offered or t["InstanceType"] in offered}
         return self._types
@@ -400,9 +400,11 @@ class AwsProvider:
         attempt = f"{run}-{offer.instance_type}-{zone}"
         public = self.setting("address") == "public"
         kw = dict(ImageId=image, InstanceType=offer.instance_type, MinCount=n, MaxCount=n, KeyName=key,
-                  ClientToken=attempt[-64:], Placement={"AvailabilityZone": zone, **({"GroupName": group} if group else {})},
+                  ClientToken=attempt[-64:],
+                  Placement={"AvailabilityZone": zone, **({"GroupName": group} if group else {})},
                   TagSpecifications=[{"ResourceType": "instance", "Tags": [
-                      {"Key": TAG, "Value": run}, {"Key": OWNER, "Value": self.owner}, {"Key": ATTEMPT, "Value": attempt},
+                      {"Key": TAG, "Value": run}, {"Key": OWNER, "Value": self.owner},
+                      {"Key": ATTEMPT, "Value": attempt},
                       {"Key": "Name", "Value": f"cb-{run}"}]},
                       *self._tags(run, "volume")])
         nic = {"DeviceIndex": 0, "SubnetId": subnet["SubnetId"], "Groups": [sg], "DeleteOnTermination": True,
@@ -484,7 +486,8 @@ class AwsProvider:
             machines.append({"name": name, "address": addr, "internal_address": private, "id": i["InstanceId"],
                              "known": cloudvm.host_keys(self.name, f"instance {i['InstanceId']}", addr, console,
                                                         self.setting("host_keys"), float(self.setting("ssh_timeout")))})
-        extra = [*base, ("zone", zone), ("shape", cloudvm.shape_text(offer, n)), ("instances", [m["id"] for m in machines]),
+        extra = [*base, ("zone", zone), ("shape", cloudvm.shape_text(offer, n)),
+                 ("instances", [m["id"] for m in machines]),
                  ("efa", self._efa(offer, n)), ("placement_group", f"cb-{spec.run_id}" if n > 1 and
                                                  self.setting("placement") == "cluster" else None),
                  *(price.record() if price else (("price_source", None),))]

@@ -276,7 +276,8 @@ class ExoscaleProvider:
                 continue
             try:
                 self._check_quota(offer, n)
-                log.info("exoscale: %d x %s in %s (%s)", n, offer.instance_type, self.zone, cloudvm.shape_text(offer, n))
+                log.info("exoscale: %d x %s in %s (%s)", n, offer.instance_type, self.zone,
+                         cloudvm.shape_text(offer, n))
                 instances = self._instances_up(run, offer, n, t, template, key, sg, d)
             except CapacityError as e:
                 log.warning("exoscale: %d x %s: %s; trying the next type the plan allows", n, offer.instance_type, e)
@@ -290,8 +291,8 @@ class ExoscaleProvider:
         want = self.setting("template")
         found = []
         for visibility in ("private", "public"):
-            found += [t for t in self.api.call("GET", "/template", query={"visibility": visibility}).get("templates", [])
-                      if want in (t.get("id"), t.get("name"))]
+            listed = self.api.call("GET", "/template", query={"visibility": visibility}).get("templates", [])
+            found += [t for t in listed if want in (t.get("id"), t.get("name"))]
         if not found:
             raise PlanError("template", want, f"a template name or id in zone {self.zone}")
         return max(found, key=lambda t: t.get("created-at", ""))["id"]
@@ -332,8 +333,8 @@ class ExoscaleProvider:
         name, tag = f"cb-{run}", f"{TAG}={run} owner={self.owner}"
 
         def find():
-            g = next((g for g in self._security_groups(name) if (g.get("description") or "").startswith(f"{TAG}={run}")),
-                     None)
+            g = next((g for g in self._security_groups(name)
+                      if (g.get("description") or "").startswith(f"{TAG}={run}")), None)
             return {"state": "success", "reference": {"id": g["id"]}} if g else None
 
         found = find()
