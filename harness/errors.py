@@ -23,9 +23,10 @@ class ProviderError(CloudbenchError):
 
 
 class PointFailed(CloudbenchError):
-    """One sweep point failed; the sweep records it and goes on."""
+    """One sweep point failed; the sweep records it and goes on. ``retryable``: the provider repaired the
+    cause (e.g. replaced a reclaimed spot instance), so a relaunch may succeed (the plan's ``retries``)."""
 
-    def __init__(self, message, log_path=None):
+    def __init__(self, message, log_path=None, retryable=False):
         super().__init__(message)
-        self.log_path = log_path
+        self.log_path, self.retryable = log_path, retryable
 

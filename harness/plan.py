@@ -39,6 +39,7 @@ class RunPlan:
     precision: str = "fp32"
     epoch_events: Optional[int] = None
     point_timeout_s: float = 3600.0
+    retries: int = 0  # relaunches of a point whose failure the provider repaired (a replaced spot instance)
     instance_type: Optional[str] = None
     provider_options: tuple = ()  # (key, value) pairs passed to the provider
 
@@ -137,6 +138,7 @@ def build(file_fields=None, **flags):
         if "gpus" in v and max(v["sweep"]) > v["gpus"]:
             raise PlanError("sweep", ",".join(map(str, v["sweep"])), f"GPU counts up to --gpus {v['gpus']}")
     v["repetitions"] = _int("repetitions", raw.get("repetitions", 3), 1)
+    v["retries"] = _int("retries", raw.get("retries", 0), 0)
     v["variant"] = _choice("variant", raw.get("variant", "fixed"), VARIANTS)
     if raw.get("batch_size") is not None:
         v["batch_size"] = _int("batch-size", raw["batch_size"], 1)

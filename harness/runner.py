@@ -200,20 +200,20 @@ def run_point(plan, store, provider, fleet, gpus, rep, cpus_per_rank, progress, 
     bar = _bar(progress, f"{gpus} {'GPU' if fleet.device == 'gpu' else 'rank'}{'s' if gpus > 1 else ''} "
                          f"rep {rep}/{plan.repetitions}", plan.warmup + plan.steps)
     try:
-        res = provider.launch(fleet, job, on_progress=bar.update_to if bar else None)
-        row["seconds"] = res.seconds
-        if res.returncode != 0:
-            raise PointFailed(f"trainer exited with code {res.returncode}", log_path)
-        s = parse_summary(metrics_path)
-        row.update(status="ok", samples_per_s=s["samples_per_s"], samples_per_s_per_rank=s["samples_per_s_per_rank"],
-                   step_time_mean_s=s["step_time_mean_s"], step_time_std_s=s["step_time_std_s"],
-                   hosts=",".join(s.get("hosts", [])), flops_per_sample=s.get("flops_per_sample"),
-                   tf_version=s.get("tf_version"), horovod_version=s.get("horovod_version"))
-        sizes = s.get("allreduce_bytes_per_step") or []
-        if len(sizes) == 4:
-            row.update(grad_bytes_d=sizes[0], grad_bytes_g=sizes[2])
-        if s.get("ranks") != gpus:
-            raise PointFailed(f"the trainer ran {s.get('ranks')} ranks, expected {gpus}", log_path)
+        for attempt in range(1, plan.retries + 2):
+            row["attempts"] = attempt
+            try:
+                measure(provider, fleet, job, row, bar, gpus)
+                break
+            except PointFailed as e:
+                if not (e.retryable and attempt <= plan.retries):
+                    raise
+                log.warning("point %d GPU(s) repetition %d: %s; relaunching (retry %d of %d)", gpus, rep, e,
+                            attempt, plan.retries)
+                if os.path.exists(metrics_path):
+                    os.remove(metrics_path)
+                if bar:
+                    bar.reset()
     except PointFailed as e:
         row.update(status="failed", error=str(e))
         log.warning("point %d GPU(s) repetition %d failed: %s (log: %s)", gpus, rep, e, log_path)
@@ -222,6 +222,24 @@ def run_point(plan, store, provider, fleet, gpus, rep, cpus_per_rank, progress, 
             bar.close()
     store.add_sample(row)
     return row
+
+
+def measure(provider, fleet, job, row, bar, gpus):
+    """One launch of the point; fills the row from the trainer's summary or raises PointFailed."""
+    res = provider.launch(fleet, job, on_progress=bar.update_to if bar else None)
+    row["seconds"] = res.seconds
+    if res.returncode != 0:
+        raise PointFailed(f"trainer exited with code {res.returncode}", job.log_path)
+    s = parse_summary(job.metrics_path)
+    row.update(status="ok", samples_per_s=s["samples_per_s"], samples_per_s_per_rank=s["samples_per_s_per_rank"],
+               step_time_mean_s=s["step_time_mean_s"], step_time_std_s=s["step_time_std_s"],
+               hosts=",".join(s.get("hosts", [])), flops_per_sample=s.get("flops_per_sample"),
+               tf_version=s.get("tf_version"), horovod_version=s.get("horovod_version"))
+    sizes = s.get("allreduce_bytes_per_step") or []
+    if len(sizes) == 4:
+        row.update(grad_bytes_d=sizes[0], grad_bytes_g=sizes[2])
+    if s.get("ranks") != gpus:
+        raise PointFailed(f"the trainer ran {s.get('ranks')} ranks, expected {gpus}", job.log_path)
 
 
 def _bar(enabled, desc, total):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from harness.errors import ProviderError
-from providers.base import Fleet, Node
+from harness.errors import PlanError, ProviderError
+from providers.base import Fleet, FleetSpec, Node
 from providers.ssh import SSHProvider
 
 log = logging.getLogger("cloudbench")
@@ -143,3 +143,64 @@ def ssh_fleet(provider, spec, offer, machines, d, *, user, workdir, python=None,
         on_record(fleet)
     log.info("%s: %s ready", provider, ", ".join(f"{h['name']} {h['address']}" for h in hosts))
     return fleet, ssh
+
+
+def listed(value):
+    """A comma-separated setting as a list (empty entries dropped)."""
+    return [v.strip() for v in str(value or "").split(",") if v.strip()]
+
+
+class VMProvider:
+    """What the aws and exoscale providers share: per-run state with the results, shapes from offerings,
+    and deploy/stage/launch over SSH on the run's inventory. Subclasses give ``name``, ``setting()``,
+    ``where`` (their region or zone), ``offerings()`` and the cloud calls."""
+
+    name = "vm"
+
+    def state_dir(self, spec_or_run):
+        if isinstance(spec_or_run, FleetSpec) and spec_or_run.workdir:
+            return Path(spec_or_run.workdir) / self.name
+        run_id = spec_or_run.run_id if isinstance(spec_or_run, FleetSpec) else spec_or_run
+        return Path.home() / ".cache/cloudbench" / self.name / run_id
+
+    def pick(self, types, allowed, make):
+        """The offerings the plan allows (``instance_types``, in its order), else ``None`` for 'every one'."""
+        if not allowed:
+            return None
+        missing = [a for a in allowed if a not in types]
+        if missing:
+            raise PlanError("instance_types", ",".join(missing), f"instance types of {self.where}: "
+                            + ", ".join(sorted(types)[:40]))
+        return [make(a, types[a]) for a in allowed]
+
+    def shapes(self, slots, instance_type=None):
+        offers = self.offerings()
+        if instance_type:
+            offers = [o for o in offers if o.instance_type == instance_type]
+            if not offers:
+                raise PlanError("instance-type", instance_type, f"an instance type of {self.where}")
+        if not offers:
+            raise ProviderError(f"{self.name}: {self.where} has no {self.setting('device')} instance type")
+        return fit(offers, slots, ordered=bool(instance_type or self.setting("instance_types")))
+
+    def _fleet_ssh(self, fleet):
+        if fleet.run_id not in self._ssh:
+            self._ssh[fleet.run_id] = ssh_for(dict(fleet.extra)["state_dir"])
+        return self._ssh[fleet.run_id]
+
+    def deploy(self, fleet):
+        self._fleet_ssh(fleet).deploy(fleet)
+
+    def stage(self, fleet, assignments):
+        return self._fleet_ssh(fleet).stage(fleet, assignments)
+
+    def launch(self, fleet, job, on_progress=None):
+        return self._fleet_ssh(fleet).launch(fleet, job, on_progress)
+
+    @staticmethod
+    def with_owners(found, owners):
+        """Resources with owner_alive from the owner each run recorded (host:pid)."""
+        from providers.base import Resource
+        from providers.local import owner_alive
+
+        return [Resource(**{**r.__dict__, "owner_alive": owner_alive(owners.get(r.run_id))}) for r in found]

@@ -7,16 +7,15 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
-from harness import lab
 from harness.errors import PointFailed, ProviderError
 from providers import prices
 from providers.aws import AwsProvider
 from providers.base import FleetSpec, Job
 from conftest import BIN
+from labcloud import emulator, lab_cloud
 from test_run_local import ROOT, cloudbench, run_ok
 
 SMALL = ["--variant", "small", "--steps", "20", "--warmup", "5", "--no-progress"]
@@ -39,30 +38,7 @@ def test_price_catalog_unknown_is_none_and_zero_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def cloud():
     """A 2-host lab with the AWS emulator; `cloudbench lab env` is what the tests' processes see."""
-    if os.geteuid() != 0:
-        pytest.skip("the lab needs root")
-    lab.down("awl")
-    st = lab.up(hosts=2, name="awl", slots=1, emulate=("aws",))
-    env = lab.env("awl")
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield {**st["emulators"]["aws"], "lab": st, "env": env}
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        lab.down("awl")
-
-
-def emulator(cloud, path, body=None):
-    req = urllib.request.Request(cloud["url"] + "/_emulator/" + path, method="POST" if body is not None else "GET",
-                                 data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read() or b"{}")
+    yield from lab_cloud("awl", "aws")
 
 
 def leftovers(cloud):
@@ -145,26 +121,63 @@ def test_capacity_throttling_and_lost_answers_then_limits(clean, tmp_path):
         provision("awsf2", tmp_path)
 
 
+def test_a_repaired_failure_is_relaunched_as_the_plan_says(tmp_path):
+    """--retries: a point whose failure the provider repaired (retryable) is launched again; others are not."""
+    from harness import plan as hplan
+    from harness import runner
+    from harness.results import RunStore
+    from providers.base import Fleet, JobResult, Node
+
+    class Flaky:
+        def __init__(self, failures):
+            self.failures, self.calls = list(failures), 0
+
+        def launch(self, fleet, job, on_progress=None):
+            self.calls += 1
+            if self.failures:
+                raise PointFailed("instance reclaimed", job.log_path, retryable=self.failures.pop(0))
+            summary = {"event": "summary", "samples_per_s": 10.0, "samples_per_s_per_rank": 10.0, "ranks": 1,
+                       "step_time_mean_s": 0.8, "step_time_std_s": 0.01}
+            with open(job.metrics_path, "w") as f:
+                f.write(json.dumps(summary) + "\n")
+            return JobResult(returncode=0, metrics_path=job.metrics_path, log_path=job.log_path, seconds=1.0)
+
+    fleet = Fleet(run_id="r", provider="aws", instance_type="c5.large",
+                  nodes=(Node(name="n0", address="10.0.0.1", slots=1, device="cpu"),))
+    store = RunStore.create(tmp_path, "r")
+    plan = hplan.RunPlan(provider="aws", sweep=(1,), batch_size=8, retries=1)
+    p = Flaky([True])
+    row = runner.run_point(plan, store, p, fleet, 1, 1, 1, False)
+    assert (row["status"], row["attempts"], p.calls) == ("ok", 2, 2)
+    p = Flaky([False])  # not repaired: no relaunch
+    row = runner.run_point(plan, store, p, fleet, 1, 2, 1, False)
+    assert (row["status"], row["attempts"], p.calls) == ("failed", 1, 1)
+    p = Flaky([True, True])  # repaired twice, one retry allowed
+    assert runner.run_point(plan, store, p, fleet, 1, 3, 1, False)["status"] == "failed" and p.calls == 2
+
+
 @root_only
-def test_spot_interruption_fails_the_points_that_need_the_instance(clean, tmp_path):
+def test_spot_interruption_replaces_the_instance_and_the_point_runs_again(clean, tmp_path):
     p, fleet = provision("awsspot", tmp_path, spot="true")
     try:
-        spot_fleet_fails_fast(p, fleet, clean, tmp_path)
+        extra = dict(fleet.extra)
+        assert extra["spot"] is True and extra["price_source"] == "EC2 spot price history"  # never the list price
+        p.deploy(fleet)
+        victim = fleet.nodes[1]
+        old = dict(victim.extra)["server"]
+        emulator(clean, "interrupt", {"instance_id": old})
+        job = Job(run_id=fleet.run_id, ranks=2, metrics_path=str(tmp_path / "m.json"), log_path=str(tmp_path / "l"),
+                  timeout_s=300, trainer_args=("--variant", "small", "--batch-size", "8", "--steps", "2",
+                                               "--warmup", "1"))
+        with pytest.raises(PointFailed, match="Server.SpotInstanceTermination.*replaced") as e:
+            p.launch(fleet, job)
+        assert e.value.retryable
+        live = {i["id"] for i in emulator(clean, "state")["instances"]}
+        assert len(live) == 2 and old not in live
+        res = p.launch(fleet, job)  # the relaunch runs on the replacement
+        assert res.returncode == 0 and json.loads(open(job.metrics_path).read().splitlines()[-1])["ranks"] == 2
     finally:
         p.teardown("awsspot", fleet)
-
-
-def spot_fleet_fails_fast(p, fleet, clean, tmp_path):
-    extra = dict(fleet.extra)
-    assert extra["spot"] is True and extra["price_source"] == "EC2 spot price history"  # never the list price
-    victim = fleet.nodes[1]
-    emulator(clean, "interrupt", {"instance_id": dict(victim.extra)["server"]})
-    assert p._reclaimed(fleet) == {victim.name: "Server.SpotInstanceTermination: Spot instance termination"}
-    p._lost[fleet.run_id] = p._reclaimed(fleet)
-    job = Job(run_id=fleet.run_id, ranks=2, trainer_args=(), metrics_path=str(tmp_path / "m"),
-              log_path=str(tmp_path / "l"), timeout_s=60)
-    with pytest.raises(PointFailed, match="is gone"):
-        p.launch(fleet, job)
 
 
 @root_only

@@ -12,6 +12,7 @@ import urllib.request
 import pytest
 
 from harness.emulators.aws import LAB_IMAGE, SPOT_REASON, AwsEmulator
+from labcloud import running
 
 boto3 = pytest.importorskip("boto3")
 from botocore.config import Config  # noqa: E402
@@ -276,16 +277,6 @@ def ssh(key, known_hosts, address, *cmd):
     return subprocess.run(["ssh", "-i", str(key), "-o", "StrictHostKeyChecking=yes", "-o",
                            f"UserKnownHostsFile={known_hosts}", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
                            f"root@{address}", *cmd], capture_output=True, text=True, timeout=30)
-
-
-def running(pid):
-    """The process exists and has not exited (a zombie waits for a reaper that may be slow)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
 
 def test_lab_instances_are_lab_hosts(awslab, tmp_path):
     emu, state = awslab

@@ -7,15 +7,14 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
-from harness import lab
 from harness.errors import PlanError, ProviderError
 from providers.base import FleetSpec
 from providers.exoscale import ExoscaleProvider, sign
 from conftest import BIN
+from labcloud import emulator, lab_cloud
 from test_run_local import ROOT, cloudbench, run_ok
 
 SMALL = ["--variant", "small", "--steps", "20", "--warmup", "5", "--no-progress"]
@@ -50,31 +49,7 @@ def test_settings_and_credentials_are_checked(monkeypatch):
 
 @pytest.fixture(scope="module")
 def cloud():
-    if os.geteuid() != 0:
-        pytest.skip("the lab needs root")
-    lab.down("exl")
-    st = lab.up(hosts=2, name="exl", slots=1, emulate=("exoscale",))
-    env = lab.env("exl")
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield {**st["emulators"]["exoscale"], "lab": st}
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        lab.down("exl")
-
-
-def emulator(cloud, path, body=None):
-    base = cloud["url"].rsplit("/v2", 1)[0]
-    req = urllib.request.Request(base + "/_emulator/" + path, method="POST" if body is not None else "GET",
-                                 data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read() or b"{}")
+    yield from lab_cloud("exl", "exoscale")
 
 
 def leftovers(cloud):

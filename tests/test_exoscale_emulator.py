@@ -17,6 +17,7 @@ import requests
 
 from harness import lab
 from harness.emulators.exoscale import ExoscaleEmulator
+from labcloud import until
 
 v2 = pytest.importorskip("exoscale.api.v2")
 from exoscale.api.exceptions import (  # noqa: E402
@@ -36,18 +37,6 @@ def control(emu, path, body=None):
 def client(emu, secret=None, key=None):
     c = emu.credentials
     return v2.Client(key or c["key"], secret or c["secret"], url=emu.url)
-
-
-def until(what, fn, timeout=15, period=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(period)
-
 
 def finished(c, op):
     """The operation once it is no longer pending."""

@@ -6,17 +6,16 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from harness import lab
 from harness.errors import PlanError
 from providers.openstack import OpenStackProvider
 from providers.openstack import config as osconfig
 from conftest import BIN
+from labcloud import emulator, lab_cloud
 from test_run_local import ROOT, cloudbench, run_ok
 
 SMALL = ["--variant", "small", "--steps", "20", "--warmup", "5", "--no-progress"]
@@ -117,29 +116,7 @@ def test_api_listing_follows_next_links_and_restarts_when_its_marker_vanishes():
 @pytest.fixture(scope="module")
 def cloud():
     """A 2-host lab with the OpenStack emulator; its clouds.yaml is what every test uses."""
-    if os.geteuid() != 0:
-        pytest.skip("the lab needs root")
-    lab.down("os1")
-    st = lab.up(hosts=2, name="os1", slots=1, emulate=("openstack",))
-    emu = st["emulators"]["openstack"]
-    old = os.environ.get("OS_CLIENT_CONFIG_FILE")
-    os.environ["OS_CLIENT_CONFIG_FILE"] = emu["clouds_yaml"]
-    try:
-        yield {**emu, "lab": st}
-    finally:
-        if old is None:
-            os.environ.pop("OS_CLIENT_CONFIG_FILE", None)
-        else:
-            os.environ["OS_CLIENT_CONFIG_FILE"] = old
-        lab.down("os1")
-
-
-def emulator(cloud, path, body=None):
-    req = urllib.request.Request(cloud["url"] + "/_emulator/" + path, method="POST" if body is not None else "GET",
-                                 data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read() or b"{}")
+    yield from lab_cloud("os1", "openstack")
 
 
 def leftovers(cloud, run_id=None):

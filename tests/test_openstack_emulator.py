@@ -11,6 +11,7 @@ import pytest
 
 from harness import lab
 from harness.emulators.openstack import NO_VALID_HOST, OpenStackEmulator
+from labcloud import running, until
 
 openstack = pytest.importorskip("openstack")
 from libcloud.common.exceptions import BaseHTTPError, RateLimitReachedError  # noqa: E402
@@ -75,28 +76,6 @@ def sdk(emu, password=None):
     return openstack.connect(auth_url=emu.auth_url, username=c["user"], password=password or c["password"],
                              project_name=c["project"], user_domain_name="Default", project_domain_name="Default",
                              region_name="RegionOne")
-
-
-def until(what, fn, timeout=15, period=0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(period)
-
-
-def running(pid):
-    """The process exists and has not exited (a zombie waits for a reaper that may be slow)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def node_status(driver, node):
     return driver.ex_get_node_details(node.id)
 
@@ -446,8 +425,8 @@ def test_lab_clouds_yaml(oselab, monkeypatch):
 @needs_root
 def test_lab_down_stops_the_emulator(oselab):
     pid = json.loads((lab.state_dir(LAB) / "state.json").read_text())["emulators"]["openstack"]["pid"]
-    with pytest.raises(lab.LabError, match="expected one of: openstack"):
-        lab.up(hosts=1, name="ose2", emulate=("aws",))
+    with pytest.raises(lab.LabError, match="expected one of: openstack, aws, exoscale"):
+        lab.up(hosts=1, name="ose2", emulate=("gce",))
     lab.down(LAB)
     assert not running(pid) and not lab.state_dir(LAB).exists()
     assert "emulators" not in lab.status(LAB)

@@ -30,7 +30,7 @@ from pathlib import Path
 from harness.errors import CloudbenchError, PlanError, PointFailed, ProviderError
 from providers import cloudvm, prices
 from providers.base import TAG, Capabilities, Fleet, FleetSpec, Job, Offering, Resource
-from providers.local import harness_owner, owner_alive
+from providers.local import harness_owner
 from providers.ssh import require_tools
 
 log = logging.getLogger("cloudbench")
@@ -63,10 +63,11 @@ SETTINGS = {
     "ssh_timeout": "seconds to wait for host keys and SSH on a running instance",
     "api_deadline": "seconds to keep retrying throttled or 5xx answers of one call",
     "prices": "price catalog CSV (default providers/aws/prices.csv)",
+    "spot_replace": "true: a reclaimed spot instance is replaced at once (the point fails; --retries relaunches it)",
 }
 DEFAULTS = {"device": "gpu", "ami_name": "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *",
             "ami_owner": "amazon", "user": "ubuntu", "workdir": "/var/tmp/cloudbench", "spot": "false",
-            "address": "public", "efa": "auto", "placement": "cluster", "host_keys": "console",
+            "address": "public", "efa": "auto", "spot_replace": "true", "placement": "cluster", "host_keys": "console",
             "build_timeout": 900, "ssh_timeout": 600, "api_deadline": 120}
 RETRY = {"RequestLimitExceeded", "Throttling", "ThrottlingException", "InternalError", "InternalFailure",
          "ServiceUnavailable", "Unavailable"}
@@ -83,7 +84,7 @@ def _truthy(v):
     return str(v).strip().lower() in ("1", "true", "yes", "on")
 
 
-class AwsProvider:
+class AwsProvider(cloudvm.VMProvider):
     name = "aws"
     description = "EC2 instances (boto3; profiles, AWS_* variables, AWS_ENDPOINT_URL)"
     capabilities = Capabilities(gpus=True, multi_node=True, spot=True, prices=True, engines=("gloo",),
@@ -97,7 +98,9 @@ class AwsProvider:
         self.owner = harness_owner()
         self._session = self._ec2 = self._types = None
         self._ssh = {}  # run_id -> SSHProvider on the run's inventory
-        self._lost = {}  # run_id -> {node name: why} of reclaimed spot instances
+        self._lost = {}  # run_id -> {node name: why} of reclaimed spot instances not replaced
+        self._current = {}  # run_id -> {node name: instance id}, replacements included
+        self._staged = {}  # run_id -> what stage() handed out, for a replacement
 
     # -- configuration ----------------------------------------------------------------------------
     @property
@@ -223,34 +226,19 @@ class AwsProvider:
         """GPU types (biggest first) or, with device=cpu, CPU types (smallest first); only the plan's
         instance_types when set, in that order."""
         types = self.instance_types()
-        allowed = [t.strip() for t in str(self.setting("instance_types") or "").split(",") if t.strip()]
-        if allowed:
-            missing = [a for a in allowed if a not in types]
-            if missing:
-                raise PlanError("instance_types", ",".join(missing), f"instance types of region {self.region}")
-            return [self._offer(types[a]) for a in allowed]
+        chosen = self.pick(types, cloudvm.listed(self.setting("instance_types")), lambda a, t: self._offer(t))
+        if chosen is not None:
+            return chosen
         gpu = self.setting("device") == "gpu"
         offers = [self._offer(t) for t in types.values() if bool(t.get("GpuInfo", {}).get("Gpus")) == gpu
                   and "x86_64" in t.get("ProcessorInfo", {}).get("SupportedArchitectures", ["x86_64"])]
         return sorted(offers, key=lambda o: (-o.slots if gpu else o.slots, o.instance_type))
 
-    def shapes(self, slots, instance_type=None):
-        offers = self.offerings()
-        if instance_type:
-            offers = [o for o in offers if o.instance_type == instance_type]
-            if not offers:
-                raise PlanError("instance-type", instance_type, f"an instance type of region {self.region}")
-        if not offers:
-            raise ProviderError(f"aws: region {self.region} has no {self.setting('device')} instance type")
-        return cloudvm.fit(offers, slots, ordered=bool(instance_type or self.setting("instance_types")))
+    @property
+    def where(self):
+        return f"region {self.region}"
 
     # -- provision ----------------------------------------------------------------------------------
-    def state_dir(self, spec_or_run):
-        if isinstance(spec_or_run, FleetSpec) and spec_or_run.workdir:
-            return Path(spec_or_run.workdir) / "aws"
-        run_id = spec_or_run.run_id if isinstance(spec_or_run, FleetSpec) else spec_or_run
-        return Path.home() / ".cache/cloudbench/aws" / run_id
-
     def _tags(self, run, kind, name=None):
         tags = [{"Key": TAG, "Value": run}, {"Key": OWNER, "Value": self.owner}]
         if name:
@@ -288,7 +276,7 @@ class AwsProvider:
                             + ", ".join(f"{n} x {o.instance_type}" for o, n in shapes) + f" (last: {last})")
 
     def _zones(self, itype):
-        allowed = [z.strip() for z in str(self.setting("zones") or "").split(",") if z.strip()]
+        allowed = cloudvm.listed(self.setting("zones"))
         offered = sorted(o["Location"] for o in self.pages(
             "describe_instance_type_offerings", "InstanceTypeOfferings", LocationType="availability-zone",
             Filters=[{"Name": "instance-type", "Values": [itype]}]))
@@ -393,11 +381,14 @@ class AwsProvider:
         t = self.instance_types().get(offer.instance_type, {})
         return n > 1 and self.setting("efa") == "auto" and bool(t.get("NetworkInfo", {}).get("EfaSupported"))
 
-    def _run_instances(self, run, offer, n, zone, subnet, image, key, sg, group):
-        """n instances of one type in one zone, all or none, running; CapacityError when the zone has no room."""
+    def _run_instances(self, run, offer, n, zone, subnet, image, key, sg, group, names=None, attempt=None):
+        """n instances of one type in one zone, all or none, running; CapacityError when the zone has no room.
+        ``names``: the Name tags (default cb-<run>-0..n-1); ``attempt``: the idempotency token and tag that
+        finds a lost answer's instances (default: one per run, type and zone)."""
         import botocore.exceptions as bex
 
-        attempt = f"{run}-{offer.instance_type}-{zone}"
+        names = names or [f"cb-{run}-{i}" for i in range(n)]
+        attempt = attempt or f"{run}-{offer.instance_type}-{zone}"
         public = self.setting("address") == "public"
         kw = dict(ImageId=image, InstanceType=offer.instance_type, MinCount=n, MaxCount=n, KeyName=key,
                   ClientToken=attempt[-64:],
@@ -433,8 +424,8 @@ class AwsProvider:
                                     "'Running On-Demand P instances' and the like count vCPUs)") from None
             raise ProviderError(f"aws: run {n} x {offer.instance_type} in {zone}: {code}: {msg}") from None
         ids = [i["InstanceId"] for i in out["Instances"]]
-        for i, iid in enumerate(sorted(ids)):
-            self.call("tag instance", "create_tags", Resources=[iid], Tags=[{"Key": "Name", "Value": f"cb-{run}-{i}"}])
+        for name, iid in zip(names, sorted(ids)):
+            self.call("tag instance", "create_tags", Resources=[iid], Tags=[{"Key": "Name", "Value": name}])
         return self._wait_running(run, ids, n, offer, zone)
 
     def _instances(self, run=None, ids=None, extra=(), states=LIVE):
@@ -480,11 +471,9 @@ class AwsProvider:
             if not addr:
                 raise ProviderError(f"aws: instance {i['InstanceId']} has no address")
 
-            def console(iid=i["InstanceId"]):
-                return self.call("console output", "get_console_output", InstanceId=iid).get("Output")
-
             machines.append({"name": name, "address": addr, "internal_address": private, "id": i["InstanceId"],
-                             "known": cloudvm.host_keys(self.name, f"instance {i['InstanceId']}", addr, console,
+                             "known": cloudvm.host_keys(self.name, f"instance {i['InstanceId']}", addr,
+                                                        self._console(i["InstanceId"]),
                                                         self.setting("host_keys"), float(self.setting("ssh_timeout")))})
         extra = [*base, ("zone", zone), ("shape", cloudvm.shape_text(offer, n)),
                  ("instances", [m["id"] for m in machines]),
@@ -497,18 +486,10 @@ class AwsProvider:
             on_record=on_record)
         return fleet
 
-    # -- deploy and launch: SSH, as the ssh provider does it -----------------------------------------
-    def _fleet_ssh(self, fleet):
-        if fleet.run_id not in self._ssh:
-            self._ssh[fleet.run_id] = cloudvm.ssh_for(dict(fleet.extra)["state_dir"])
-        return self._ssh[fleet.run_id]
+    def _console(self, iid):
+        return lambda: self.call("console output", "get_console_output", InstanceId=iid).get("Output")
 
-    def deploy(self, fleet: Fleet):
-        self._fleet_ssh(fleet).deploy(fleet)
-
-    def stage(self, fleet: Fleet, assignments):
-        return self._fleet_ssh(fleet).stage(fleet, assignments)
-
+    # -- launch: SSH, as the ssh provider does it; a reclaimed spot instance is named ------------------
     def launch(self, fleet: Fleet, job: Job, on_progress=None):
         lost = self._lost.setdefault(fleet.run_id, {})
         need = [n.name for n, _ in fleet.placement(job.ranks)]
@@ -516,24 +497,79 @@ class AwsProvider:
         if gone:  # no point waiting for ssh timeouts on an instance that is no more
             raise PointFailed(f"instance {', '.join(gone)} is gone", job.log_path)
         try:
-            return self._fleet_ssh(fleet).launch(fleet, job, on_progress)
+            return super().launch(fleet, job, on_progress)
         except PointFailed as e:
             reclaimed = self._reclaimed(fleet)
-            if reclaimed:
-                lost.update(reclaimed)
-                raise PointFailed(f"spot interruption: {', '.join(f'{k} ({v})' for k, v in reclaimed.items())}; "
-                                  f"{e}", job.log_path) from None
-            raise
+            if not reclaimed:
+                raise
+            what = "spot interruption: " + ", ".join(f"{k} ({v})" for k, v in reclaimed.items())
+            if _truthy(self.setting("spot_replace")):
+                try:
+                    self._replace(fleet, reclaimed)
+                except CloudbenchError as r:
+                    lost.update(reclaimed)
+                    raise PointFailed(f"{what}; replacing it failed: {r}", job.log_path) from None
+                raise PointFailed(f"{what}; replaced, the point may be relaunched (--retries)", job.log_path,
+                                  retryable=True) from None
+            lost.update(reclaimed)
+            raise PointFailed(f"{what}; {e}", job.log_path) from None
+
+    def _ids(self, fleet):
+        """{instance id: node name} of the fleet now (replacements included)."""
+        now = self._current.setdefault(fleet.run_id, {n.name: dict(n.extra).get("server") for n in fleet.nodes})
+        return {i: name for name, i in now.items() if i}
 
     def _reclaimed(self, fleet):
         """{node name: reason} of the fleet's instances that are no longer running."""
-        ids = {dict(n.extra).get("server"): n.name for n in fleet.nodes}
+        ids = self._ids(fleet)
         try:
-            got = self._instances(fleet.run_id, ids=[i for i in ids if i], states=(*LIVE, "terminated"))
+            got = self._instances(fleet.run_id, ids=list(ids), states=(*LIVE, "terminated"))
         except CloudbenchError:
             return {}
         return {ids[i["InstanceId"]]: i.get("StateReason", {}).get("Message") or i["State"]["Name"]
                 for i in got if i["State"]["Name"] != "running"}
+
+    def _replace(self, fleet, names):
+        """A new instance (same type, zone, placement group, name) for each reclaimed node; the run's inventory
+        and known_hosts follow, and the trainer (and staged data) are deployed on it again."""
+        import yaml
+
+        ex = dict(fleet.extra)
+        run, d, zone = fleet.run_id, Path(ex["state_dir"]), ex["zone"]
+        offer = next(o for o in self.offerings() if o.instance_type == fleet.instance_type)
+        subnet = self._subnet(zone)
+        sg = self._security_group(run, subnet["VpcId"])
+        new = self._run_instances(run, offer, len(names), zone, subnet, self._image(), f"cb-{run}", sg,
+                                  ex.get("placement_group"), names=sorted(names),
+                                  attempt=f"{run}-replace-{int(time.time())}")
+        inv = yaml.safe_load((d / "inventory.yaml").read_text())
+        known = (d / "known_hosts").read_text().splitlines()
+        for i in new:
+            name = next(t["Value"] for t in i.get("Tags", []) if t["Key"] == "Name")
+            host = next(h for h in inv["hosts"] if h["name"] == name)
+            old = {host["address"], host.get("internal_address")}
+            addr = (i.get("PublicIpAddress") if self.setting("address") == "public" else None) or i["PrivateIpAddress"]
+            keys = cloudvm.host_keys(self.name, f"instance {i['InstanceId']}", addr, self._console(i["InstanceId"]),
+                                     self.setting("host_keys"), float(self.setting("ssh_timeout")))
+            known = [k for k in known if k.split(" ", 1)[0] not in old] + keys
+            if i.get("PrivateIpAddress") and i["PrivateIpAddress"] != addr:
+                known += [f"{i['PrivateIpAddress']} {k.split(' ', 1)[1]}" for k in keys]
+            host.update(address=addr, internal_address=i.get("PrivateIpAddress") or addr)
+            self._current[run][name] = i["InstanceId"]
+            log.warning("aws: %s replaced by instance %s (%s)", name, i["InstanceId"], addr)
+        for h in inv["hosts"]:  # the fleet's node addresses are the old ones: Horovod uses these
+            h.setdefault("internal_address", h["address"])
+        (d / "known_hosts").write_text("\n".join(known) + "\n")
+        (d / "inventory.yaml").write_text(yaml.safe_dump(inv, sort_keys=False))
+        self._ssh[run] = ssh = cloudvm.ssh_for(d)
+        cloudvm.wait_ssh(self.name, ssh, float(self.setting("ssh_timeout")))
+        ssh.deploy(fleet)
+        if run in self._staged:
+            ssh.stage(fleet, self._staged[run])
+
+    def stage(self, fleet: Fleet, assignments):
+        self._staged[fleet.run_id] = assignments
+        return super().stage(fleet, assignments)
 
     # -- teardown and gc ----------------------------------------------------------------------------
     def _terminate(self, ids, wait=True, timeout=600):
@@ -635,4 +671,4 @@ class AwsProvider:
         for kp in self._key_pairs():
             owners.setdefault(kp["run"], kp["owner"])
             found.append(Resource(kind="key_pair", id=kp["KeyName"], run_id=kp["run"]))
-        return [Resource(**{**r.__dict__, "owner_alive": owner_alive(owners.get(r.run_id))}) for r in found]
+        return self.with_owners(found, owners)

@@ -28,13 +28,12 @@ import re
 import socket
 import subprocess
 import time
-from pathlib import Path
 from urllib.parse import urlencode, urlparse
 
 from harness.errors import PlanError, ProviderError
 from providers import cloudvm, prices
-from providers.base import TAG, Capabilities, Fleet, FleetSpec, Job, Offering, Resource
-from providers.local import harness_owner, owner_alive
+from providers.base import TAG, Capabilities, Fleet, FleetSpec, Offering, Resource
+from providers.local import harness_owner
 from providers.ssh import require_tools
 
 log = logging.getLogger("cloudbench")
@@ -160,7 +159,7 @@ class Api:
         return op
 
 
-class ExoscaleProvider:
+class ExoscaleProvider(cloudvm.VMProvider):
     name = "exoscale"
     description = "Exoscale compute instances (API v2; EXOSCALE_API_KEY/SECRET, zones)"
     capabilities = Capabilities(gpus=True, multi_node=True, spot=False, prices=True, engines=("gloo",),
@@ -227,35 +226,19 @@ class ExoscaleProvider:
 
     def offerings(self):
         types = self.instance_types()
-        allowed = [t.strip() for t in str(self.setting("instance_types") or "").split(",") if t.strip()]
-        if allowed:
-            missing = [a for a in allowed if a not in types]
-            if missing:
-                raise PlanError("instance_types", ",".join(missing), f"instance types of zone {self.zone}: "
-                                + ", ".join(sorted(types)))
-            return [self._offer(a, types[a]) for a in allowed]
+        chosen = self.pick(types, cloudvm.listed(self.setting("instance_types")), self._offer)
+        if chosen is not None:
+            return chosen
         gpu = self.setting("device") == "gpu"
         offers = [self._offer(n, t) for n, t in types.items() if bool(t.get("gpus")) == gpu
                   and (not t.get("zones") or self.zone in t["zones"])]
         return sorted(offers, key=lambda o: (-o.slots if gpu else o.slots, o.instance_type))
 
-    def shapes(self, slots, instance_type=None):
-        offers = self.offerings()
-        if instance_type:
-            offers = [o for o in offers if o.instance_type == instance_type]
-            if not offers:
-                raise PlanError("instance-type", instance_type, f"an instance type of zone {self.zone}")
-        if not offers:
-            raise ProviderError(f"exoscale: zone {self.zone} has no {self.setting('device')} instance type")
-        return cloudvm.fit(offers, slots, ordered=bool(instance_type or self.setting("instance_types")))
+    @property
+    def where(self):
+        return f"zone {self.zone}"
 
     # -- provision ----------------------------------------------------------------------------------
-    def state_dir(self, spec_or_run):
-        if isinstance(spec_or_run, FleetSpec) and spec_or_run.workdir:
-            return Path(spec_or_run.workdir) / "exoscale"
-        run_id = spec_or_run.run_id if isinstance(spec_or_run, FleetSpec) else spec_or_run
-        return Path.home() / ".cache/cloudbench/exoscale" / run_id
-
     def provision(self, spec: FleetSpec, on_record):
         run, d = spec.run_id, self.state_dir(spec)
         shapes = self.shapes(spec.slots, spec.instance_type)
@@ -456,21 +439,6 @@ class ExoscaleProvider:
             on_record=on_record)
         return fleet
 
-    # -- deploy and launch: SSH ---------------------------------------------------------------------
-    def _fleet_ssh(self, fleet):
-        if fleet.run_id not in self._ssh:
-            self._ssh[fleet.run_id] = cloudvm.ssh_for(dict(fleet.extra)["state_dir"])
-        return self._ssh[fleet.run_id]
-
-    def deploy(self, fleet: Fleet):
-        self._fleet_ssh(fleet).deploy(fleet)
-
-    def stage(self, fleet: Fleet, assignments):
-        return self._fleet_ssh(fleet).stage(fleet, assignments)
-
-    def launch(self, fleet: Fleet, job: Job, on_progress=None):
-        return self._fleet_ssh(fleet).launch(fleet, job, on_progress)
-
     # -- teardown and gc ----------------------------------------------------------------------------
     def _tagged(self, run=None):
         out = []
@@ -547,5 +515,5 @@ class ExoscaleProvider:
             name = k.get("name", "")
             if name.startswith("cb-") and (name[3:] in runs or RUN_ID.fullmatch(name[3:])):
                 found.append(Resource(kind="ssh_key", id=name, run_id=name[3:]))
-        return [Resource(**{**r.__dict__, "owner_alive": owner_alive(owners.get(r.run_id))}) for r in found]
+        return self.with_owners(found, owners)
 

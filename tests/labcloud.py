@@ -1,0 +1,61 @@
+"""Helpers the cloud tests share: a lab with one emulator for a test module, calls to an emulator's control
+surface, and polling."""
+import json
+import os
+import time
+import urllib.request
+
+import pytest
+
+from harness import lab
+
+
+def lab_cloud(name, kind, hosts=2):
+    """Generator for a module fixture: lab ``name`` with emulator ``kind`` and ``cloudbench lab env`` in this
+    process's environment (so the cloudbench processes the tests start see it too); all undone after."""
+    if os.geteuid() != 0:
+        pytest.skip("the lab needs root")
+    lab.down(name)
+    st = lab.up(hosts=hosts, name=name, slots=1, emulate=(kind,))
+    env = lab.env(name)
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield {**st["emulators"][kind], "lab": st, "env": env}
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        lab.down(name)
+
+
+def emulator(cloud, path, body=None):
+    """GET (or POST body to) /_emulator/<path> of the cloud's emulator; its JSON answer."""
+    base = cloud["url"].rsplit("/v2", 1)[0] if cloud["url"].endswith("/v2") else cloud["url"]
+    req = urllib.request.Request(base + "/_emulator/" + path, method="POST" if body is not None else "GET",
+                                 data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read() or b"{}")
+
+
+def until(what, fn, timeout=15, period=0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(period)
+
+
+def running(pid):
+    """The process exists and has not exited (a zombie waits for a reaper that may be slow)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
