@@ -78,10 +78,10 @@ def test_done_when_run_with_s3_data_and_upload_leaves_nothing(clean, tmp_path):
     for i in range(2):  # two files for two nodes: each node downloads its own
         showers.write(tmp_path / f"shower_{i}.h5", "fixed", 64, seed=i)
         s3.upload_file(str(tmp_path / f"shower_{i}.h5"), "cb-data", f"showers/shower_{i}.h5")
-    out, d, df = run_ok(tmp_path / "runs", "--provider", "aws", "--gpus", 2, *SMALL, "--repetitions", 1,
+    out, d, df = run_ok(tmp_path / "runs", "--provider", "aws", "--gpus", 2, "--sweep", 2, *SMALL, "--repetitions", 1,
                         "--data", "s3://cb-data/showers", "--upload", "s3://cb-results/nightly")
-    assert len(df) == 2 and set(df["instance_type"]) == {"c5.large"}
-    assert set(df["price_per_hour"]) == {0.085, 0.17} and set(df["currency"]) == {"USD"}  # per node, at launch
+    assert len(df) == 1 and set(df["instance_type"]) == {"c5.large"}
+    assert list(df["price_per_hour"]) == [0.17] and list(df["currency"]) == ["USD"]  # 2 x 0.085, at launch
     fleet = json.loads((d / "fleet.json").read_text())
     extra = dict(map(tuple, fleet["extra"]))
     assert extra["price_source"].startswith("apache-libcloud") and extra["price_date"] == "2025-03-02"

@@ -79,8 +79,8 @@ def provision(run_id, tmp_path, slots=2, **options):
 
 @root_only
 def test_done_when_run_on_the_emulated_zone_leaves_nothing(clean, tmp_path):
-    out, d, df = run_ok(tmp_path, "--provider", "exoscale", "--gpus", 2, *SMALL, "--repetitions", 1)
-    assert len(df) == 2 and set(df["instance_type"]) == {"standard.micro"}
+    out, d, df = run_ok(tmp_path, "--provider", "exoscale", "--gpus", 2, "--sweep", 2, *SMALL, "--repetitions", 1)
+    assert len(df) == 1 and set(df["instance_type"]) == {"standard.micro"}
     fleet = json.loads((d / "fleet.json").read_text())
     lab_hosts = {h["address"]: h["name"] for h in clean["lab"]["hosts"]}
     assert {n["address"] for n in fleet["nodes"]} == set(lab_hosts)
