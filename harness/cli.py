@@ -108,8 +108,9 @@ def upload(plan, store):
     from harness import objstore
 
     try:
-        dest, files, size = objstore.upload(store.dir, plan.upload, store.run_id, plan.s3_endpoint)
-    except CloudbenchError as e:
+        dest, files, size = objstore.upload(store.dir, plan.upload, store.run_id, plan.s3_endpoint,
+                                            state=store.read_json("run.json", {}).get("state"))
+    except Exception as e:  # noqa: BLE001 (whatever it is, the run's own outcome must come through)
         print(f"cloudbench: upload failed, the results are only in {store.dir}: {e}", file=sys.stderr)
         return None
     store.update_state(uploaded_to=dest)

@@ -194,11 +194,16 @@ def _host_up(d, plan, h, bandwidth):
          f"hostname {h['name']} && mount --bind {hd / 'hosts'} /etc/hosts && "
          f"exec taskset -c {cpus} {SSHD} -f {cfg} -E {hd / 'sshd.log'}", ns=ns)
     deadline = time.monotonic() + 10
-    while not (hd / "sshd.pid").exists():
+    pid = ""
+    while not pid.strip().isdigit():  # sshd creates the file before it writes the pid into it
         if time.monotonic() > deadline:
             raise LabError(f"sshd of {h['name']} did not start: {(hd / 'sshd.log').read_text()[-500:]}")
         time.sleep(0.05)
-    h["sshd_pid"] = int((hd / "sshd.pid").read_text())
+        try:
+            pid = (hd / "sshd.pid").read_text()
+        except FileNotFoundError:
+            pid = ""
+    h["sshd_pid"] = int(pid)
 
 
 def ssh_command(state, host, *remote):
@@ -284,9 +289,9 @@ def _write_aws_config(d, info):
     config, creds = d / "aws-config", d / "aws-credentials"
     config.write_text(f"[profile {CLOUD_NAME}]\nregion = {info['region']}\nendpoint_url = {info['url']}\n"
                       + "".join(f"cloudbench_{k} = {v}\n" for k, v in settings.items()))
-    creds.write_text(f"[{CLOUD_NAME}]\naws_access_key_id = {c['aws_access_key_id']}\n"
-                     f"aws_secret_access_key = {c['aws_secret_access_key']}\n")
-    creds.chmod(0o600)
+    with os.fdopen(os.open(creds, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:  # never readable
+        f.write(f"[{CLOUD_NAME}]\naws_access_key_id = {c['aws_access_key_id']}\n"
+                f"aws_secret_access_key = {c['aws_secret_access_key']}\n")
     return {"aws_config": str(config), "aws_credentials": str(creds)}
 
 

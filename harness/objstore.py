@@ -7,8 +7,9 @@ trainer then shards a node's files among that node's ranks (``--data-shard local
 node holds every file).
 
 ``--upload s3://bucket/prefix``: when the run ends, its results directory goes to
-``s3://bucket/prefix/<run_id>/``; a ``_UPLOADED`` object is written last, so a reader can tell a complete
-upload from one cut short.
+``s3://bucket/prefix/<run_id>/`` without what must not leave this machine (private keys, Terraform state)
+or is not a result (staged data); an earlier ``_UPLOADED`` marker is removed first and written again last
+(with the run's state), so a reader can tell a complete upload from one cut short.
 
 Endpoint and credentials are boto3's (AWS_PROFILE, AWS_ACCESS_KEY_ID..., AWS_ENDPOINT_URL_S3 or
 AWS_ENDPOINT_URL, the profile's endpoint_url); ``--s3-endpoint URL`` overrides the endpoint, e.g.
@@ -26,7 +27,9 @@ from pathlib import Path
 from harness.errors import CloudbenchError, PlanError
 
 log = logging.getLogger("cloudbench")
-URL_SECONDS = 6 * 3600  # presigned download URLs outlive any sensible staging
+# Presigned download URLs: SigV4's longest (7 days), so a node replaced late in a sweep can still download
+# (credentials from STS/SSO cut it to their own lifetime).
+URL_SECONDS = 7 * 24 * 3600
 SUFFIXES = (".h5", ".hdf5")
 
 # Runs on each node with its own interpreter: argv[1] is the directory, stdin a JSON list of [name, url].
@@ -76,25 +79,38 @@ def _error(e, what):
     return CloudbenchError(f"{what}: {e}")
 
 
+def objects(url, endpoint=None):
+    """The HDF5 object keys under url (checked before anything is provisioned)."""
+    import botocore.exceptions as bex
+
+    bucket, prefix = parse(url)
+    keys = []
+    try:
+        s3 = client(endpoint)
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix and prefix + "/"):
+            keys += [o["Key"] for o in page.get("Contents", []) if o["Key"].endswith(SUFFIXES)]
+    except (bex.BotoCoreError, bex.ClientError, ValueError) as e:
+        raise _error(e, f"listing {url}") from None
+    if not keys:
+        raise PlanError("data", url, f"a prefix holding HDF5 objects ({', '.join(SUFFIXES)}); it holds none")
+    names = [k.rsplit("/", 1)[-1] for k in keys]
+    if len(set(names)) != len(names):
+        raise PlanError("data", url, "HDF5 objects with distinct file names (nested prefixes repeat one)")
+    return keys
+
+
 def shards(url, nodes, endpoint=None):
     """([[(file name, presigned URL), ...] per node], "local" | "global") for the HDF5 objects under url."""
     import botocore.exceptions as bex
 
-    bucket, prefix = parse(url)
-    s3 = client(endpoint)
-    keys = []
+    bucket, _ = parse(url)
+    keys = objects(url, endpoint)
     try:
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix and prefix + "/"):
-            keys += [o["Key"] for o in page.get("Contents", []) if o["Key"].endswith(SUFFIXES)]
-        if not keys:
-            raise PlanError("data", url, f"a prefix holding HDF5 objects ({', '.join(SUFFIXES)}); it holds none")
-        names = [k.rsplit("/", 1)[-1] for k in keys]
-        if len(set(names)) != len(names):
-            raise PlanError("data", url, "HDF5 objects with distinct file names (nested prefixes repeat one)")
-        signed = [(n, s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": k},
-                                                ExpiresIn=URL_SECONDS)) for n, k in sorted(zip(names, keys))]
-    except (bex.BotoCoreError, bex.ClientError) as e:
-        raise _error(e, f"listing {url}") from None
+        s3 = client(endpoint)
+        signed = [(k.rsplit("/", 1)[-1], s3.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": k}, ExpiresIn=URL_SECONDS)) for k in sorted(keys)]
+    except (bex.BotoCoreError, bex.ClientError, ValueError) as e:
+        raise _error(e, f"signing {url}") from None
     if len(signed) >= nodes:
         return [signed[i::nodes] for i in range(nodes)], "local"
     return [signed] * nodes, "global"
@@ -113,23 +129,31 @@ def fetch_here(items, dest):
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def upload(directory, url, run_id, endpoint=None):
-    """Put every file of the run's directory under url/<run_id>/, then the _UPLOADED marker; returns
-    (destination, files, bytes)."""
+def kept_here(rel):
+    """Files of a run directory that are never uploaded: staged data, private keys, Terraform state."""
+    name = rel.name
+    return (rel.parts[0] == "data" or (name.startswith(("id_", "hostkey")) and not name.endswith(".pub"))
+            or ".tfstate" in name or name.startswith("terraform.tfvars"))
+
+
+def upload(directory, url, run_id, endpoint=None, state=None):
+    """Put the run's files under url/<run_id>/ (not what kept_here() keeps), then the _UPLOADED marker (an
+    earlier one goes first); returns (destination, files, bytes)."""
     import botocore.exceptions as bex
 
     bucket, prefix = parse(url, "upload")
     base = "/".join(p for p in (prefix, run_id) if p)
-    s3 = client(endpoint)
-    files = sorted(p for p in Path(directory).rglob("*") if p.is_file())
+    files = sorted(p for p in Path(directory).rglob("*") if p.is_file() and not kept_here(p.relative_to(directory)))
     size = 0
     try:
+        s3 = client(endpoint)
+        s3.delete_object(Bucket=bucket, Key=f"{base}/_UPLOADED")
         for f in files:
             s3.upload_file(str(f), bucket, f"{base}/{f.relative_to(directory).as_posix()}")
             size += f.stat().st_size
-        s3.put_object(Bucket=bucket, Key=f"{base}/_UPLOADED",
-                      Body=json.dumps({"run_id": run_id, "files": len(files), "bytes": size}).encode())
-    except (bex.BotoCoreError, bex.ClientError, OSError) as e:
+        s3.put_object(Bucket=bucket, Key=f"{base}/_UPLOADED", Body=json.dumps(
+            {"run_id": run_id, "state": state, "files": len(files), "bytes": size}).encode())
+    except (bex.BotoCoreError, bex.ClientError, OSError, ValueError) as e:
         raise _error(e, f"uploading {directory} to s3://{bucket}/{base}/") from None
     return f"s3://{bucket}/{base}/", len(files), size
 

@@ -37,15 +37,23 @@ def trainer_args(plan: hplan.RunPlan, data=None):
             "--warmup", str(plan.warmup), *(data or ("--data", plan.data)), "--precision", plan.precision)
 
 
+def check_data(plan, provider):
+    """--data s3://...: the provider can stage and the prefix holds data; before anything is provisioned."""
+    if plan.data.startswith("s3://"):
+        from harness import objstore
+
+        if not hasattr(provider, "stage"):
+            raise hplan.PlanError("data", plan.data, f"a local path: the {plan.provider} provider cannot stage "
+                                                     "object storage onto its nodes")
+        objstore.objects(plan.data, plan.s3_endpoint)
+
+
 def stage_data(plan, store, provider, fleet):
     """--data s3://...: each node downloads its share; returns the trainer's data arguments (None otherwise)."""
     if not plan.data.startswith("s3://"):
         return None
     from harness import objstore
 
-    if not hasattr(provider, "stage"):
-        raise hplan.PlanError("data", plan.data, f"a local path: the {plan.provider} provider cannot stage "
-                                                 "object storage onto its nodes")
     assignments, mode = objstore.shards(plan.data, len(fleet.nodes), plan.s3_endpoint)
     path = provider.stage(fleet, assignments)
     store.write_json("data.json", {"source": plan.data, "path": path, "shard": mode,
@@ -116,6 +124,7 @@ def execute(plan: hplan.RunPlan, store: RunStore, provider, progress=True):
         if plan.engine not in engines:
             raise hplan.PlanError("engine", plan.engine,
                                   f"one that the {plan.provider} provider supports: {', '.join(engines)}")
+        check_data(plan, provider)
         spec = base.FleetSpec(run_id=store.run_id, provider=plan.provider, slots=max(plan.sweep),
                               variant=plan.variant, instance_type=plan.instance_type, engine=plan.engine,
                               options=plan.provider_options, workdir=str(store.dir))
@@ -144,11 +153,19 @@ def execute(plan: hplan.RunPlan, store: RunStore, provider, progress=True):
         store.update_state(state="failed")
         raise
     finally:
+        # A second Ctrl-C must not cut the teardown short (paid machines would stay up): it is only noted.
+        for s in old:
+            signal.signal(s, _during_teardown)
         try:
             provider.teardown(store.run_id, fleet)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+
+
+def _during_teardown(signum, frame):
+    print(f"cloudbench: {signal.Signals(signum).name} ignored while the fleet is torn down (kill -9 would leave "
+          "resources for `cloudbench gc`)", file=sys.stderr)
 
 
 def calibrate(plan, store, provider, fleet, cpus_per_rank, progress=True):

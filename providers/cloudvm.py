@@ -17,6 +17,9 @@ from providers.base import Fleet, FleetSpec, Node
 from providers.ssh import SSHProvider
 
 log = logging.getLogger("cloudbench")
+OWNER = "cloudbench-owner"  # tag/label with the harness that made a resource (host:pid)
+RUN_ID = re.compile(r"\d{8}-\d{6}-[a-z0-9_.-]+-[0-9a-f]{4}")  # harness.results.new_run_id
+HOST_KEY_MODES = {"console", "userdata", "tofu"}
 HOST_KEYS = re.compile(r"-----BEGIN SSH HOST KEY KEYS-----(.*?)-----END SSH HOST KEY KEYS-----", re.S)
 
 
@@ -79,6 +82,32 @@ def host_keys(provider, name, address, console, mode, timeout):
         time.sleep(2)
 
 
+def caller_cidr(cloud, api_url, setting=None, public=True):
+    """Where this machine's SSH comes from as the cloud sees it: ``setting`` (ssh_cidr) when given, else the
+    address this machine uses towards the API; behind NAT towards a public API that is not what the
+    instances see, so the run asks for it."""
+    if setting:
+        return str(setting)
+    import ipaddress
+    import socket
+    from urllib.parse import urlparse
+
+    target = socket.gethostbyname(urlparse(api_url).hostname)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((target, 443))
+        mine = s.getsockname()[0]
+    if public and ipaddress.ip_address(mine).is_private and not ipaddress.ip_address(target).is_private:
+        raise PlanError("ssh_cidr", None, f"the public address {cloud} sees this machine as (this machine is "
+                                          f"{mine}, behind NAT): --option ssh_cidr=A.B.C.D/32")
+    return mine + "/32"
+
+
+def save(d, inv, known):
+    """The run's inventory.yaml and known_hosts in d."""
+    (Path(d) / "known_hosts").write_text("\n".join(known) + "\n")
+    (Path(d) / "inventory.yaml").write_text(yaml.safe_dump(inv, sort_keys=False))
+
+
 def ssh_for(d):
     return SSHProvider(inventory=str(Path(d) / "inventory.yaml"))
 
@@ -114,7 +143,6 @@ def ssh_fleet(provider, spec, offer, machines, d, *, user, workdir, python=None,
             host["internal_address"] = m["internal_address"]
             known += [f"{m['internal_address']} {k.split(' ', 1)[1]}" for k in m["known"]]
         hosts.append(host)
-    (d / "known_hosts").write_text("\n".join(known) + "\n")
     inv = {"instance_type": offer.instance_type, "user": user, "key": str(d / "id_ed25519"),
            "known_hosts": str(d / "known_hosts"), "workdir": workdir, "lease_dir": f"{workdir}/leases",
            "deploy": "auto", "hosts": hosts}
@@ -122,7 +150,7 @@ def ssh_fleet(provider, spec, offer, machines, d, *, user, workdir, python=None,
         inv["python"] = python
     if offer.price_per_hour is not None:
         inv["price_per_hour"], inv["currency"] = offer.price_per_hour, offer.currency
-    (d / "inventory.yaml").write_text(yaml.safe_dump(inv, sort_keys=False))
+    save(d, inv, known)
     ssh = ssh_for(d)
     wait_ssh(provider, ssh, ssh_timeout)
     facts = ssh.each(list(ssh.inv.hosts), ssh._probe_host)
@@ -150,7 +178,21 @@ def listed(value):
     return [v.strip() for v in str(value or "").split(",") if v.strip()]
 
 
-class VMProvider:
+class OverSSH:
+    """Deploy, data staging and launch as the ssh provider does them, on the SSHProvider that
+    ``_fleet_ssh(fleet)`` gives (openstack, terraform, aws, exoscale)."""
+
+    def deploy(self, fleet):
+        self._fleet_ssh(fleet).deploy(fleet)
+
+    def stage(self, fleet, assignments):
+        return self._fleet_ssh(fleet).stage(fleet, assignments)
+
+    def launch(self, fleet, job, on_progress=None):
+        return self._fleet_ssh(fleet).launch(fleet, job, on_progress)
+
+
+class VMProvider(OverSSH):
     """What the aws and exoscale providers share: per-run state with the results, shapes from offerings,
     and deploy/stage/launch over SSH on the run's inventory. Subclasses give ``name``, ``setting()``,
     ``where`` (their region or zone), ``offerings()`` and the cloud calls."""
@@ -173,6 +215,17 @@ class VMProvider:
                             + ", ".join(sorted(types)[:40]))
         return [make(a, types[a]) for a in allowed]
 
+    def by_model(self, offers):
+        """The offerings with the ``gpu_model`` setting's GPU, when it is set."""
+        want = str(self.setting("gpu_model") or "").lower()
+        if not want:
+            return offers
+        found = [o for o in offers if (o.gpu_model or "").lower() == want]
+        if not found:
+            raise PlanError("gpu_model", self.setting("gpu_model"), f"a GPU model of {self.where}: " + ", ".join(
+                sorted({o.gpu_model for o in offers if o.gpu_model})))
+        return found
+
     def shapes(self, slots, instance_type=None):
         offers = self.offerings()
         if instance_type:
@@ -187,15 +240,6 @@ class VMProvider:
         if fleet.run_id not in self._ssh:
             self._ssh[fleet.run_id] = ssh_for(dict(fleet.extra)["state_dir"])
         return self._ssh[fleet.run_id]
-
-    def deploy(self, fleet):
-        self._fleet_ssh(fleet).deploy(fleet)
-
-    def stage(self, fleet, assignments):
-        return self._fleet_ssh(fleet).stage(fleet, assignments)
-
-    def launch(self, fleet, job, on_progress=None):
-        return self._fleet_ssh(fleet).launch(fleet, job, on_progress)
 
     @staticmethod
     def with_owners(found, owners):

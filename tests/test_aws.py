@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from harness.errors import PointFailed, ProviderError
+from harness.errors import PlanError, PointFailed, ProviderError
 from providers import prices
 from providers.aws import AwsProvider
 from providers.base import FleetSpec, Job
@@ -101,6 +101,17 @@ def test_done_when_run_with_s3_data_and_upload_leaves_nothing(clean, tmp_path):
     assert {base + "run.json", base + "samples.parquet", base + "fleet.json", base + "_UPLOADED"} <= keys
     assert out["uploaded"] == f"s3://cb-results/{base}"
     assert not leftovers(clean)
+
+
+@root_only
+def test_gpu_types_and_counts_come_from_describe_instance_types(clean):
+    p = AwsProvider(device="gpu", instance_types="", gpu_model="a100")
+    offer, n = p.shapes(16)[0]
+    assert (offer.instance_type, n, offer.gpus, offer.gpu_model) == ("p4d.24xlarge", 2, 8, "A100")
+    assert p._efa(offer, n) and not p._efa(offer, 1)  # EFA interfaces for a multi-instance p4d fleet
+    assert {o.slots for o, _ in AwsProvider(device="gpu", instance_types="g5.xlarge").shapes(3)} == {1}
+    with pytest.raises(PlanError, match="GPU model of region us-east-1"):
+        AwsProvider(device="gpu", instance_types="", gpu_model="Z9000").shapes(2)
 
 
 @root_only

@@ -104,7 +104,7 @@ def test_faults_are_retried_reconciled_or_named(clean, tmp_path):
     p.teardown("exof1", fleet)
     assert not leftovers(clean)
     emulator(clean, "faults", {"no_capacity": 1})
-    with pytest.raises(ProviderError, match="(?i)no capacity"):
+    with pytest.raises(ProviderError, match="(?i)insufficient capacity"):
         provision("exof2", tmp_path / "2")
     assert not leftovers(clean)
     emulator(clean, "faults", {"quota": 1})

@@ -20,10 +20,8 @@ that point naming the instance and the points after it that need it fail at once
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
-import re
-import socket
+import secrets
 import time
 from pathlib import Path
 
@@ -34,9 +32,8 @@ from providers.local import harness_owner
 from providers.ssh import require_tools
 
 log = logging.getLogger("cloudbench")
-OWNER = "cloudbench-owner"
+OWNER, RUN_ID = cloudvm.OWNER, cloudvm.RUN_ID
 ATTEMPT = "cloudbench-attempt"
-RUN_ID = re.compile(r"\d{8}-\d{6}-[a-z0-9_.-]+-[0-9a-f]{4}")  # harness.results.new_run_id
 LIVE = ("pending", "running", "stopping", "stopped", "shutting-down")
 
 SETTINGS = {
@@ -44,6 +41,7 @@ SETTINGS = {
     "region": "region (default: the profile's or AWS_DEFAULT_REGION)",
     "endpoint_url": "EC2 endpoint (default: AWS_ENDPOINT_URL or the profile's endpoint_url, else AWS's)",
     "device": "gpu | cpu: which instance types to consider",
+    "gpu_model": "only types with this GPU model (e.g. A100, H100, V100; case-insensitive)",
     "instance_types": "instance types the plan may use, in order (comma-separated); default every one that fits",
     "zones": "availability zones the plan may use, in order (comma-separated); default every zone offering it",
     "ami": "image id (default: the newest image named ami_name of owner ami_owner)",
@@ -101,6 +99,8 @@ class AwsProvider(cloudvm.VMProvider):
         self._lost = {}  # run_id -> {node name: why} of reclaimed spot instances not replaced
         self._current = {}  # run_id -> {node name: instance id}, replacements included
         self._staged = {}  # run_id -> what stage() handed out, for a replacement
+        self._launched = {}  # run_id -> ids RunInstances answered (describe may not show them for a while)
+        self._nonce = secrets.token_hex(3)  # per provisioning: a resumed run never reuses a ClientToken
 
     # -- configuration ----------------------------------------------------------------------------
     @property
@@ -196,6 +196,8 @@ class AwsProvider(cloudvm.VMProvider):
         require_tools(self.name, ("ssh", "ssh-keygen", "ssh-agent", "ssh-add"))
         if self.setting("device") not in ("gpu", "cpu"):
             raise PlanError("device", self.setting("device"), "gpu or cpu")
+        if self.setting("host_keys") not in ("console", "tofu"):
+            raise PlanError("host_keys", self.setting("host_keys"), "console or tofu")
         try:
             self.call("describe availability zones", "describe_availability_zones")
         except bex.ClientError as e:
@@ -232,7 +234,7 @@ class AwsProvider(cloudvm.VMProvider):
         gpu = self.setting("device") == "gpu"
         offers = [self._offer(t) for t in types.values() if bool(t.get("GpuInfo", {}).get("Gpus")) == gpu
                   and "x86_64" in t.get("ProcessorInfo", {}).get("SupportedArchitectures", ["x86_64"])]
-        return sorted(offers, key=lambda o: (-o.slots if gpu else o.slots, o.instance_type))
+        return self.by_model(sorted(offers, key=lambda o: (-o.slots if gpu else o.slots, o.instance_type)))
 
     @property
     def where(self):
@@ -257,7 +259,12 @@ class AwsProvider(cloudvm.VMProvider):
         sg, vpc_subnets = None, {}
         last = None
         for offer, n in shapes:
-            zones = self._zones(offer.instance_type)
+            try:
+                zones = self._zones(offer.instance_type)
+            except CapacityError as e:
+                log.warning("aws: %s; trying the next type the plan allows", e)
+                last = e
+                continue
             for zone in zones:
                 subnet = vpc_subnets.get(zone) or self._subnet(zone)
                 vpc_subnets[zone] = subnet
@@ -277,6 +284,8 @@ class AwsProvider(cloudvm.VMProvider):
 
     def _zones(self, itype):
         allowed = cloudvm.listed(self.setting("zones"))
+        if self.setting("subnet"):  # a subnet lives in one zone
+            allowed = [self._subnet(None)["AvailabilityZone"]]
         offered = sorted(o["Location"] for o in self.pages(
             "describe_instance_type_offerings", "InstanceTypeOfferings", LocationType="availability-zone",
             Filters=[{"Name": "instance-type", "Values": [itype]}]))
@@ -322,21 +331,6 @@ class AwsProvider(cloudvm.VMProvider):
             raise PlanError("subnet", None, f"a subnet in {zone} (the region has no default VPC subnet there)")
         return subnets[0]
 
-    def _caller_cidr(self):
-        if self.setting("ssh_cidr"):
-            return str(self.setting("ssh_cidr"))
-        from urllib.parse import urlparse
-
-        host = urlparse(self.ec2.meta.endpoint_url).hostname
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((socket.gethostbyname(host), 443))
-            mine = s.getsockname()[0]
-        if ipaddress.ip_address(mine).is_private and not ipaddress.ip_address(socket.gethostbyname(host)).is_private \
-                and self.setting("address") == "public":
-            raise PlanError("ssh_cidr", None, f"the public address AWS sees this machine as (this machine is {mine}, "
-                                              "behind NAT): --option ssh_cidr=A.B.C.D/32")
-        return mine + "/32"
-
     def _security_group(self, run, vpc):
         import botocore.exceptions as bex
 
@@ -358,7 +352,9 @@ class AwsProvider(cloudvm.VMProvider):
         try:
             self.call("authorize ingress", "authorize_security_group_ingress", GroupId=gid, IpPermissions=[
                 {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
-                 "IpRanges": [{"CidrIp": self._caller_cidr(), "Description": "ssh from cloudbench"}]},
+                 "IpRanges": [{"CidrIp": cloudvm.caller_cidr("AWS", self.ec2.meta.endpoint_url, self.setting("ssh_cidr"),
+                                                            self.setting("address") == "public"),
+                                "Description": "ssh from cloudbench"}]},
                 {"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": gid, "Description": "members"}]}])
         except bex.ClientError as e:
             if e.response["Error"]["Code"] != "InvalidPermission.Duplicate":
@@ -388,7 +384,7 @@ class AwsProvider(cloudvm.VMProvider):
         import botocore.exceptions as bex
 
         names = names or [f"cb-{run}-{i}" for i in range(n)]
-        attempt = attempt or f"{run}-{offer.instance_type}-{zone}"
+        attempt = attempt or f"{run}-{self._nonce}-{offer.instance_type}-{zone}"
         public = self.setting("address") == "public"
         kw = dict(ImageId=image, InstanceType=offer.instance_type, MinCount=n, MaxCount=n, KeyName=key,
                   ClientToken=attempt[-64:],
@@ -408,9 +404,9 @@ class AwsProvider(cloudvm.VMProvider):
             kw["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": {
                 "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}}
 
-        def find():
+        def find():  # all or nothing: with fewer, the retry (same ClientToken) answers for all of them
             got = self._instances(run, extra=[{"Name": f"tag:{ATTEMPT}", "Values": [attempt]}])
-            return {"Instances": got} if got else None
+            return {"Instances": got} if len(got) == n else None
 
         try:
             out = self.call(f"run {n} x {offer.instance_type}", "run_instances", find=find, **kw)
@@ -420,18 +416,34 @@ class AwsProvider(cloudvm.VMProvider):
                 raise CapacityError(f"{code}: {msg}") from None
             if code in LIMITS:
                 raise ProviderError(f"aws: {n} x {offer.instance_type} exceeds the account's limits in {self.region}: "
-                                    f"{code}: {msg} (ask for more in the Service Quotas console: "
-                                    "'Running On-Demand P instances' and the like count vCPUs)") from None
+                                    f"{code}: {msg} (ask for more in the Service Quotas console: the EC2 quotas "
+                                    "for this instance family, on-demand or spot, count vCPUs)") from None
             raise ProviderError(f"aws: run {n} x {offer.instance_type} in {zone}: {code}: {msg}") from None
         ids = [i["InstanceId"] for i in out["Instances"]]
+        self._launched.setdefault(run, set()).update(ids)
         for name, iid in zip(names, sorted(ids)):
-            self.call("tag instance", "create_tags", Resources=[iid], Tags=[{"Key": "Name", "Value": name}])
+            self._tag_new(iid, name)
         return self._wait_running(run, ids, n, offer, zone)
+
+    def _tag_new(self, iid, name, timeout=60):
+        """Name a new instance; EC2 may not know the id for a few seconds after RunInstances answered."""
+        import botocore.exceptions as bex
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.call("tag instance", "create_tags", Resources=[iid], Tags=[{"Key": "Name", "Value": name}])
+            except bex.ClientError as e:
+                if e.response["Error"]["Code"] != "InvalidInstanceID.NotFound" or time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
 
     def _instances(self, run=None, ids=None, extra=(), states=LIVE):
         filters = [{"Name": "instance-state-name", "Values": list(states)}, *extra]
         filters.append({"Name": f"tag:{TAG}", "Values": [run]} if run else {"Name": "tag-key", "Values": [TAG]})
-        res = self.pages("describe_instances", "Reservations", Filters=filters, **({"InstanceIds": ids} if ids else {}))
+        if ids:  # a filter, not InstanceIds: an id EC2 does not list yet is then no error
+            filters.append({"Name": "instance-id", "Values": list(ids)})
+        res = self.pages("describe_instances", "Reservations", Filters=filters)
         return [i for r in res for i in r.get("Instances", [])]
 
     def _wait_running(self, run, ids, n, offer, zone):
@@ -524,7 +536,8 @@ class AwsProvider(cloudvm.VMProvider):
         ids = self._ids(fleet)
         try:
             got = self._instances(fleet.run_id, ids=list(ids), states=(*LIVE, "terminated"))
-        except CloudbenchError:
+        except Exception as e:  # noqa: BLE001 (the point's own failure is reported either way)
+            log.warning("aws: could not check the fleet's instances after a failed point: %s", e)
             return {}
         return {ids[i["InstanceId"]]: i.get("StateReason", {}).get("Message") or i["State"]["Name"]
                 for i in got if i["State"]["Name"] != "running"}
@@ -532,16 +545,29 @@ class AwsProvider(cloudvm.VMProvider):
     def _replace(self, fleet, names):
         """A new instance (same type, zone, placement group, name) for each reclaimed node; the run's inventory
         and known_hosts follow, and the trainer (and staged data) are deployed on it again."""
-        import yaml
-
         ex = dict(fleet.extra)
         run, d, zone = fleet.run_id, Path(ex["state_dir"]), ex["zone"]
         offer = next(o for o in self.offerings() if o.instance_type == fleet.instance_type)
         subnet = self._subnet(zone)
         sg = self._security_group(run, subnet["VpcId"])
+        gone = [i for i, name in self._ids(fleet).items() if name in names]
+        stopped = self._instances(run, ids=gone, states=("pending", "running", "stopping", "stopped"))
+        self._terminate([i["InstanceId"] for i in stopped], wait=False)  # reclaimed: gone; stopped: still bills
         new = self._run_instances(run, offer, len(names), zone, subnet, self._image(), f"cb-{run}", sg,
                                   ex.get("placement_group"), names=sorted(names),
-                                  attempt=f"{run}-replace-{int(time.time())}")
+                                  attempt=f"{run}-replace-{secrets.token_hex(3)}")
+        try:
+            self._adopt(fleet, d, new)
+        except BaseException:
+            self._terminate([i["InstanceId"] for i in new], wait=False)
+            raise
+
+    def _adopt(self, fleet, d, new):
+        """The replacements take their nodes' places in the inventory and known_hosts; deploy (and staged data)
+        follow."""
+        import yaml
+
+        run = fleet.run_id
         inv = yaml.safe_load((d / "inventory.yaml").read_text())
         known = (d / "known_hosts").read_text().splitlines()
         for i in new:
@@ -559,8 +585,7 @@ class AwsProvider(cloudvm.VMProvider):
             log.warning("aws: %s replaced by instance %s (%s)", name, i["InstanceId"], addr)
         for h in inv["hosts"]:  # the fleet's node addresses are the old ones: Horovod uses these
             h.setdefault("internal_address", h["address"])
-        (d / "known_hosts").write_text("\n".join(known) + "\n")
-        (d / "inventory.yaml").write_text(yaml.safe_dump(inv, sort_keys=False))
+        cloudvm.save(d, inv, known)
         self._ssh[run] = ssh = cloudvm.ssh_for(d)
         cloudvm.wait_ssh(self.name, ssh, float(self.setting("ssh_timeout")))
         ssh.deploy(fleet)
@@ -599,7 +624,11 @@ class AwsProvider(cloudvm.VMProvider):
 
         gone = []
         instances = self._instances(run_id)
-        self._terminate([i["InstanceId"] for i in instances])
+        # and those RunInstances answered that describe may not list yet (Ctrl-C right after the launch)
+        launched = self._launched.pop(run_id, set())
+        ended = {i["InstanceId"] for i in self._instances(run_id, ids=sorted(launched), states=("terminated",))} \
+            if launched else set()
+        self._terminate(sorted({i["InstanceId"] for i in instances} | (launched - ended)))
         gone += [Resource(kind="instance", id=i["InstanceId"], run_id=run_id, detail=i["InstanceType"])
                  for i in instances]
         tagged = [{"Name": f"tag:{TAG}", "Values": [run_id]}]

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import re
-import socket
 import subprocess
 import time
 from urllib.parse import urlencode, urlparse
@@ -37,8 +36,7 @@ from providers.local import harness_owner
 from providers.ssh import require_tools
 
 log = logging.getLogger("cloudbench")
-OWNER = "cloudbench-owner"
-RUN_ID = re.compile(r"\d{8}-\d{6}-[a-z0-9_.-]+-[0-9a-f]{4}")  # harness.results.new_run_id
+OWNER, RUN_ID = cloudvm.OWNER, cloudvm.RUN_ID
 ZONES = ("ch-gva-2", "ch-dk-2", "de-fra-1", "de-muc-1", "at-vie-1", "at-vie-2", "bg-sof-1")
 # GPU model per instance-type family (the API gives the count, not the model): Exoscale's published families.
 FAMILY_GPU = {"gpu": "P100", "gpu2": "V100", "gpu3": "A40", "gpua5000": "A5000", "gpu3080ti": "RTX3080Ti"}
@@ -50,6 +48,7 @@ SETTINGS = {
     "region": "the zone (as --region)",
     "endpoint": "API endpoint (default EXOSCALE_API_ENDPOINT, else https://api-<zone>.exoscale.com/v2)",
     "device": "gpu | cpu: which instance types to consider",
+    "gpu_model": "only types with this GPU model (e.g. A100, H100, V100; case-insensitive)",
     "instance_types": "instance types (family.size) the plan may use, in order (comma-separated)",
     "template": "template name or id (with TensorFlow 2.15.1 + Horovod 0.28.1, or a shared checkout)",
     "disk_size": "root disk in GB",
@@ -79,7 +78,11 @@ class ApiError(ProviderError):
 
 
 class CapacityError(ProviderError):
-    """No room for this instance type in this zone."""
+    """No room for this instance type in this zone: the next shape the plan allows may fit."""
+
+
+class QuotaError(CapacityError):
+    """The organization's quota does not allow this shape (another may fit in it)."""
 
 
 def sign(method, path, query, body, key, secret, expires):
@@ -206,6 +209,8 @@ class ExoscaleProvider(cloudvm.VMProvider):
         require_tools(self.name, ("ssh", "ssh-keygen", "ssh-agent", "ssh-add"))
         if self.setting("device") not in ("gpu", "cpu"):
             raise PlanError("device", self.setting("device"), "gpu or cpu")
+        if self.setting("host_keys") not in ("userdata", "tofu"):
+            raise PlanError("host_keys", self.setting("host_keys"), "userdata or tofu")
         self.api.call("GET", "/zone")  # authenticates and proves the endpoint answers
 
     # -- offerings ----------------------------------------------------------------------------------
@@ -232,7 +237,7 @@ class ExoscaleProvider(cloudvm.VMProvider):
         gpu = self.setting("device") == "gpu"
         offers = [self._offer(n, t) for n, t in types.items() if bool(t.get("gpus")) == gpu
                   and (not t.get("zones") or self.zone in t["zones"])]
-        return sorted(offers, key=lambda o: (-o.slots if gpu else o.slots, o.instance_type))
+        return self.by_model(sorted(offers, key=lambda o: (-o.slots if gpu else o.slots, o.instance_type)))
 
     @property
     def where(self):
@@ -267,7 +272,7 @@ class ExoscaleProvider(cloudvm.VMProvider):
                 last = e
                 continue
             return self._finish(spec, offer, n, instances, d, base, on_record)
-        raise ProviderError(f"exoscale: no capacity for {spec.slots} slots in {self.zone}: tried "
+        raise ProviderError(f"exoscale: nothing the plan allows fits {spec.slots} slots in {self.zone}: tried "
                             + ", ".join(f"{n} x {o.instance_type}" for o, n in shapes) + f" (last: {last})")
 
     def _template(self):
@@ -293,21 +298,6 @@ class ExoscaleProvider(cloudvm.VMProvider):
     def _find_ssh_key(self, name):
         return next((k for k in self.api.call("GET", "/ssh-key").get("ssh-keys", []) if k.get("name") == name), None)
 
-    def _caller_cidr(self):
-        if self.setting("ssh_cidr"):
-            return str(self.setting("ssh_cidr"))
-        import ipaddress
-
-        host = urlparse(self.api.endpoint).hostname
-        target = socket.gethostbyname(host)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((target, 443))
-            mine = s.getsockname()[0]
-        if ipaddress.ip_address(mine).is_private and not ipaddress.ip_address(target).is_private:
-            raise PlanError("ssh_cidr", None, f"the public address Exoscale sees this machine as (this machine is "
-                                              f"{mine}, behind NAT): --option ssh_cidr=A.B.C.D/32")
-        return mine + "/32"
-
     def _security_groups(self, name=None):
         groups = self.api.call("GET", "/security-group").get("security-groups", [])
         return [g for g in groups if name is None or g.get("name") == name]
@@ -320,17 +310,31 @@ class ExoscaleProvider(cloudvm.VMProvider):
                       if (g.get("description") or "").startswith(f"{TAG}={run}")), None)
             return {"state": "success", "reference": {"id": g["id"]}} if g else None
 
+        cidr = cloudvm.caller_cidr("Exoscale", self.api.endpoint, self.setting("ssh_cidr"))  # before any create
         found = find()
         if found:
-            return found["reference"]["id"]
-        op = self.api.call("POST", "/security-group", {"name": name, "description": tag}, find=find)
-        gid = self.api.operation(op)["reference"]["id"]
+            gid = found["reference"]["id"]
+        else:
+            op = self.api.call("POST", "/security-group", {"name": name, "description": tag}, find=find)
+            gid = self.api.operation(op)["reference"]["id"]
         rules = [{"flow-direction": "ingress", "protocol": "tcp", "start-port": 22, "end-port": 22,
-                  "network": self._caller_cidr(), "description": "ssh from cloudbench"},
+                  "network": cidr, "description": "ssh from cloudbench"},
                  *({"flow-direction": "ingress", "protocol": proto, "start-port": 1, "end-port": 65535,
                     "security-group": {"id": gid}, "description": "members"} for proto in ("tcp", "udp"))]
+
+        def key(r):
+            return (r.get("flow-direction"), r.get("protocol"), r.get("start-port"), r.get("network"),
+                    (r.get("security-group") or {}).get("id"))
+
+        have = {key(r) for r in self.api.call("GET", f"/security-group/{gid}").get("rules", [])}
         for rule in rules:
-            self.api.operation(self.api.call("POST", f"/security-group/{gid}/rules", rule))
+            if key(rule) in have:
+                continue  # an earlier attempt of this run made it
+            try:
+                self.api.operation(self.api.call("POST", f"/security-group/{gid}/rules", rule))
+            except ApiError as e:
+                if e.code != 409:  # 409: made by a request whose answer was lost
+                    raise
         return gid
 
     def _check_quota(self, offer, n):
@@ -339,12 +343,13 @@ class ExoscaleProvider(cloudvm.VMProvider):
         except ApiError as e:
             log.warning("exoscale: no quota information (%s); creating anyway", e)
             return
-        for resource, need in (("instance", n), ("gpu", n * offer.gpus)):
+        family = offer.instance_type.split(".")[0]
+        for resource, need in (("instance", n), ("gpu", n * offer.gpus), (family, n * offer.gpus)):
             q = quotas.get(resource)
             if need and q and q.get("limit", -1) >= 0 and q.get("usage", 0) + need > q["limit"]:
-                raise ProviderError(f"exoscale: {n} x {offer.instance_type} needs {need} {resource}(s); the "
-                                    f"organization uses {q.get('usage', 0)} of {q['limit']} (ask Exoscale support "
-                                    "for a higher quota)")
+                raise QuotaError(f"{n} x {offer.instance_type} needs {need} {resource}(s) of quota; the "
+                                 f"organization uses {q.get('usage', 0)} of {q['limit']} (ask Exoscale support for "
+                                 "a higher quota)")
 
     def _host_key(self, d, i):
         """The instance's SSH host key, made here and handed over in its user data: known before it boots."""

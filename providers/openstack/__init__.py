@@ -30,7 +30,7 @@ from requests.exceptions import RequestException
 
 from harness.errors import CloudbenchError, PlanError, ProviderError
 from providers import cloudvm
-from providers.base import TAG, Capabilities, Fleet, FleetSpec, Job, Offering, Resource
+from providers.base import TAG, Capabilities, Fleet, FleetSpec, Offering, Resource
 from providers.local import harness_owner, owner_alive
 from providers.openstack import config as osconfig
 from providers.ssh import require_tools
@@ -180,7 +180,7 @@ class Api:
         raise ApiError(f"OpenStack list {path}: the list kept changing under its pages (3 attempts)")
 
 
-class OpenStackProvider:
+class OpenStackProvider(cloudvm.OverSSH):
     name = "openstack"
     description = "servers on an OpenStack cloud (on-prem, CERN-style, T-Systems OTC) via clouds.yaml / OS_*"
     capabilities = Capabilities(gpus=True, multi_node=True, spot=False, prices=False, engines=("gloo",),
@@ -566,12 +566,6 @@ class OpenStackProvider:
         if self.setting("provisioner", "sdk") == "terraform":
             return self._terraform()
         return self._ssh_for(fleet.run_id, Path(dict(fleet.extra)["state_dir"]))
-
-    def deploy(self, fleet: Fleet):
-        self._fleet_ssh(fleet).deploy(fleet)
-
-    def launch(self, fleet: Fleet, job: Job, on_progress=None):
-        return self._fleet_ssh(fleet).launch(fleet, job, on_progress)
 
     # -- teardown and gc ----------------------------------------------------------------------------
     def teardown(self, run_id, fleet=None):

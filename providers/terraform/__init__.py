@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Optional
 
 from harness.errors import PlanError, ProviderError
-from providers.base import Capabilities, Fleet, FleetSpec, Job, Offering, Resource
+from providers.base import Capabilities, Fleet, FleetSpec, Offering, Resource
+from providers.cloudvm import OverSSH
 from providers.local import harness_owner
 from providers.ssh import SSHProvider, _untagged_env, load_inventory
 
@@ -124,7 +125,7 @@ def error_text(stderr, limit=TAIL):
     return "\n".join(text.splitlines()[-limit:])[-3000:]
 
 
-class TerraformProvider:
+class TerraformProvider(OverSSH):
     name = "terraform"
     description = "hosts made by a Terraform module (lab leases, OpenStack, ...), run over ssh; state in the run dir"
     capabilities = Capabilities(gpus=True, multi_node=True, spot=False, prices=False, engines=("gloo",),
@@ -417,12 +418,6 @@ class TerraformProvider:
         if not inv or not os.path.isfile(inv):
             raise ProviderError(f"run {fleet.run_id}: no inventory of its hosts ({inv}); was it provisioned?")
         return self._ssh_for(inv)
-
-    def deploy(self, fleet: Fleet):
-        self._fleet_ssh(fleet).deploy(fleet)
-
-    def launch(self, fleet: Fleet, job: Job, on_progress=None):
-        return self._fleet_ssh(fleet).launch(fleet, job, on_progress)
 
     # -- teardown and gc -----------------------------------------------------------------------------
     def teardown(self, run_id, fleet: Optional[Fleet] = None):
