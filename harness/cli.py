@@ -130,7 +130,7 @@ def provider_options(args, options=None):
         options[k] = v
     if args.inventory:
         options["inventory"] = os.path.abspath(args.inventory)
-    for flag in ("cloud", "provisioner", "region"):
+    for flag in ("cloud", "provisioner", "region", "context", "namespace"):
         if getattr(args, flag, None):
             options[flag] = getattr(args, flag)
     if getattr(args, "spot", False):
@@ -153,6 +153,9 @@ def dry_run(plan, provider, as_json):
            "device": "gpu" if offer.gpus else "cpu", "gpu_model": offer.gpu_model, "sweep": list(plan.sweep),
            "repetitions": plan.repetitions, "launches": launches, "price_per_hour": price,
            "cost_upper_bound": worst, "plan": plan.to_dict()}
+    manifests = provider.dry_run_manifests(plan, offer) if hasattr(provider, "dry_run_manifests") else None
+    if manifests:
+        out["manifests"] = manifests
     if as_json:
         print(json.dumps(out))
     else:
@@ -162,6 +165,8 @@ def dry_run(plan, provider, as_json):
         print(f"trainer    {plan.variant}, batch {plan.batch_size}/rank, {plan.warmup} warm-up + {plan.steps} steps")
         print("cost       " + ("unknown (no price for this provider)" if price is None else
                               f"{price:.2f}/h for the fleet; at most {worst:.2f} if every launch ran to its timeout"))
+        if manifests:
+            print("\n# what would be submitted (first repetition of each point)\n" + manifests)
         print("dry run: nothing was provisioned")
     return 0
 
@@ -309,7 +314,8 @@ def cmd_lab(args):
         for name, emu in (out.get("emulators") or {}).items():
             print(f"{name:10s} {emu.get('url')}  {'up' if emu.get('alive') else 'DOWN'}"
                   + (f"  clouds.yaml {emu['clouds_yaml']} (cloud cloudbench-lab)" if emu.get("clouds_yaml") else "")
-                  + (f"  profile {emu['profile']} ({emu['aws_config']})" if emu.get("aws_config") else ""))
+                  + (f"  profile {emu['profile']} ({emu['aws_config']})" if emu.get("aws_config") else "")
+                  + (f"  kubeconfig {emu['kubeconfig']}" if emu.get("kubeconfig") else ""))
         if out.get("emulators"):
             print(f'variables  eval "$(cloudbench lab env --name {out["name"]})"')
     return 0
@@ -358,6 +364,8 @@ def parser():
     r.add_argument("--provisioner", help="openstack provider: sdk (default, libcloud) or terraform")
     r.add_argument("--region", help="aws: the region; exoscale: the zone (default: the profile's/environment's)")
     r.add_argument("--spot", action="store_true", help="aws: spot instances")
+    r.add_argument("--context", help="kubernetes: the kubeconfig context (default: the current one)")
+    r.add_argument("--namespace", help="kubernetes: the namespace (default: the context's, else default)")
     r.add_argument("--results", default=str(RUNS), help="runs directory (default results/runs)")
     r.add_argument("--resume", metavar="RUN_ID", help="finish an interrupted run")
     r.add_argument("--dry-run", action="store_true", help="print fleet, points and cost; buy nothing")
@@ -406,6 +414,8 @@ def parser():
     g.add_argument("--inventory", help="ssh provider: the inventory whose hosts to scan")
     g.add_argument("--cloud", help="openstack provider: the clouds.yaml entry whose project to scan")
     g.add_argument("--region", help="aws: the region to scan; exoscale: the zone")
+    g.add_argument("--context", help="kubernetes: the kubeconfig context")
+    g.add_argument("--namespace", help="kubernetes: the namespace to scan")
     g.add_argument("--option", action="append", metavar="KEY=VALUE", help="provider option (repeatable)")
     g.add_argument("--json", action="store_true")
     g.set_defaults(fn=cmd_gc)
@@ -422,7 +432,7 @@ def parser():
             a.add_argument("--hosts", type=int, default=2)
             a.add_argument("--bandwidth", default=None, help="per-host egress limit, e.g. 100mbit (tc tbf)")
             a.add_argument("--slots", type=int, default=None, help="ranks per host (default: this machine's cores / hosts, at least 1)")
-            a.add_argument("--emulate", action="append", choices=["openstack", "aws", "exoscale"],
+            a.add_argument("--emulate", action="append", choices=["openstack", "aws", "exoscale", "kubernetes"],
                            help="also start a cloud API emulator whose servers are the lab hosts (repeatable)")
         a.set_defaults(fn=cmd_lab)
 

@@ -1,6 +1,6 @@
 """The lab: N hosts on this machine as network namespaces on a bridge, each with its own sshd.
 
-    cloudbench lab up --hosts 2 [--bandwidth 1gbit] [--name lab] [--emulate openstack|aws|exoscale]
+    cloudbench lab up --hosts 2 [--bandwidth 1gbit] [--name lab] [--emulate openstack|aws|exoscale|kubernetes]
     eval "$(cloudbench lab env [--name lab])"
     cloudbench lab status [--name lab] [--json]
     cloudbench lab down [--name lab]
@@ -19,7 +19,9 @@ ACTIVE servers are the lab hosts) and writes ``<state>/clouds.yaml`` with its en
 ``--emulate aws`` starts moto behind a proxy whose EC2 instances are lab hosts (``harness.emulators.aws``; S3
 too) and writes ``aws-config``/``aws-credentials`` with profile ``cloudbench-lab``; ``--emulate exoscale``
 starts the Exoscale API v2 emulator. Both listen on the bridge address, so lab hosts reach them too (S3
-downloads). ``cloudbench lab env`` prints the variables that point every provider at the emulators.
+downloads). ``--emulate kubernetes`` starts a Kubernetes API (kmock) whose nodes are the lab hosts, with a fake
+Kubeflow MPIJob controller that runs each job's launcher on them, and writes ``kubeconfig``. ``cloudbench lab
+env`` prints the variables that point every provider at the emulators.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ SSHD = "/usr/sbin/sshd"
 RATE = re.compile(r"^\d+(\.\d+)?(bit|kbit|mbit|gbit|tbit)$")
 # --emulate name -> module run as a daemon
 EMULATORS = {"openstack": "harness.emulators.openstack", "aws": "harness.emulators.aws",
-             "exoscale": "harness.emulators.exoscale"}
+             "exoscale": "harness.emulators.exoscale", "kubernetes": "harness.emulators.kubernetes"}
 CLOUD_NAME = "cloudbench-lab"  # the clouds.yaml entry of the OpenStack emulator, the AWS profile of the lab
 # The lab's AWS instances: a CPU type of one core (DefaultCores 1), as a lab host has.
 AWS_LAB_SETTINGS = {"device": "cpu", "instance_types": "c5.large", "user": "root"}
@@ -244,7 +246,7 @@ def _emulator_up(d, state, kind):
     """Start emulator ``kind`` as a daemon (own session, log in the state dir) and record where it listens."""
     log = d / f"{kind}-emulator.log"
     cmd = [sys.executable, "-m", EMULATORS[kind], "serve", "--lab", state["name"], "--port", "0"]
-    if kind in ("aws", "exoscale"):  # on the bridge: reachable from this machine and from the hosts (S3 downloads)
+    if kind in ("aws", "exoscale", "kubernetes"):  # on the bridge: reachable from here and from the hosts
         cmd += ["--host", state["subnet"].rsplit(".", 1)[0] + ".1"]
     with open(log, "w") as out:
         p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -278,6 +280,14 @@ def _emulator_up(d, state, kind):
                    **_write_aws_config(d, info))
     elif kind == "exoscale":
         rec.update(zone=info["zone"])
+    elif kind == "kubernetes":
+        from harness.emulators.kubernetes import kubeconfig
+        import yaml
+
+        path = d / "kubeconfig"
+        path.write_text(yaml.safe_dump(kubeconfig(info["url"], info["token"], info["namespace"], CLOUD_NAME)))
+        path.chmod(0o600)
+        rec.update(kubeconfig=str(path), context=CLOUD_NAME, namespace=info["namespace"])
     state["emulators"][kind] = rec
 
 
@@ -316,6 +326,8 @@ def env(name="lab"):
             c = e["credentials"]
             out.update(EXOSCALE_API_KEY=c["key"], EXOSCALE_API_SECRET=c["secret"], EXOSCALE_API_ENDPOINT=e["url"],
                        EXOSCALE_ZONE=e["zone"], CLOUDBENCH_EXOSCALE_PROFILE="lab")
+        elif kind == "kubernetes":
+            out.update(KUBECONFIG=e["kubeconfig"], CLOUDBENCH_KUBERNETES_PROFILE="lab")
     return out
 
 

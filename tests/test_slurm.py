@@ -42,12 +42,12 @@ def squeue(st):
 
 @root_only
 def test_sweep_runs_across_two_slurmd_nodes(cluster, tmp_path):
-    p = cloudbench("run", *opts(cluster), "--gpus", 2, *SMALL, "--repetitions", 2, "--json", "--results", tmp_path)
+    p = cloudbench("run", *opts(cluster), "--gpus", 2, *SMALL, "--repetitions", 1, "--json", "--results", tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout)
     d = Path(out["results_dir"])
     df = pd.read_parquet(d / "samples.parquet")
-    assert (df["status"] == "ok").all() and len(df) == 4
+    assert (df["status"] == "ok").all() and len(df) == 2
     two = df[df["gpus"] == 2]
     assert set(two["hosts"]) == {"cbt1,cbt2"} and (two["nodes"] == 2).all()
     script = (d / "logs" / "gpus2-rep1.sbatch").read_text()

@@ -56,12 +56,12 @@ def test_done_when_run_spans_two_lab_hosts_then_lab_down_leaves_nothing(tmp_path
     try:
         assert [h["slots"] for h in st["hosts"]] == [max(1, len(os.sched_getaffinity(0)) // 2)] * 2
         p = cloudbench("run", "--provider", "ssh", "--inventory", st["inventory"], "--gpus", 2, *SMALL,
-                       "--repetitions", 2, "--json", "--results", tmp_path)
+                       "--repetitions", 1, "--json", "--results", tmp_path)
         assert p.returncode == 0, p.stderr[-3000:]
         out = json.loads(p.stdout)
         d = Path(out["results_dir"])
         df = pd.read_parquet(d / "samples.parquet")
-        assert (df["status"] == "ok").all() and len(df) == 4
+        assert (df["status"] == "ok").all() and len(df) == 2
         two = df[df["gpus"] == 2]
         assert set(two["hosts"]) == {"s1-h0,s1-h1"} and (two["nodes"] == 2).all()
         # every rank's host is recorded by the trainer itself (its hostname in the host's UTS namespace)

@@ -183,8 +183,8 @@ def state_list(tf_dir):
 
 def test_run_through_terraform_leases_lab_hosts_and_destroys_everything(tflab, tmp_path):
     out, d, df = run_ok(tmp_path, "--provider", "terraform", "--option", "module=lab", "--inventory",
-                        tflab["inventory"], "--gpus", 2, *SMALL, "--repetitions", 2)
-    assert len(df) == 4
+                        tflab["inventory"], "--gpus", 2, *SMALL, "--repetitions", 1)
+    assert len(df) == 2
     two = df[df["gpus"] == 2]
     assert set(two["hosts"]) == {"tf1-h0,tf1-h1"} and (two["nodes"] == 2).all()
     fleet = json.loads((d / "fleet.json").read_text())
