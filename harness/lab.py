@@ -285,8 +285,8 @@ def _emulator_up(d, state, kind):
         import yaml
 
         path = d / "kubeconfig"
-        path.write_text(yaml.safe_dump(kubeconfig(info["url"], info["token"], info["namespace"], CLOUD_NAME)))
-        path.chmod(0o600)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:  # holds a token
+            f.write(yaml.safe_dump(kubeconfig(info["url"], info["token"], info["namespace"], CLOUD_NAME)))
         rec.update(kubeconfig=str(path), context=CLOUD_NAME, namespace=info["namespace"])
     state["emulators"][kind] = rec
 

@@ -60,7 +60,7 @@ def test_gpu_mpijob_validates_and_has_what_the_operator_reads(validator):
     spec = doc["spec"]
     assert doc["apiVersion"] == "kubeflow.org/v2beta1" and doc["kind"] == "MPIJob"
     assert spec["slotsPerWorker"] == 8 and spec["mpiReplicaSpecs"]["Worker"]["replicas"] == 2
-    assert spec["runPolicy"] == {"cleanPodPolicy": "Running", "ttlSecondsAfterFinished": 300,
+    assert spec["runPolicy"] == {"cleanPodPolicy": "Running", "ttlSecondsAfterFinished": 300, "backoffLimit": 0,
                                  "activeDeadlineSeconds": 1860}
     worker = spec["mpiReplicaSpecs"]["Worker"]["template"]
     assert worker["spec"]["containers"][0]["resources"] == {"limits": {"nvidia.com/gpu": 8}}
@@ -98,11 +98,22 @@ def test_schema_check_can_fail(validator):
         validator.validate(bad)
 
 
-def test_v1_is_the_same_job_for_the_training_operator():
-    doc = gpu_job(api_version="v1")
-    assert doc["apiVersion"] == "kubeflow.org/v1"
-    names = {r: s["template"]["spec"]["containers"][0]["name"] for r, s in doc["spec"]["mpiReplicaSpecs"].items()}
-    assert names == {"Launcher": "mpi", "Worker": "mpi"}
+def test_a_failed_launcher_is_not_rerun_and_gpu_workers_tolerate_the_gpu_taint():
+    doc = gpu_job()
+    assert doc["spec"]["runPolicy"]["backoffLimit"] == 0
+    worker = doc["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]
+    assert worker["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert "tolerations" not in doc["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]
+
+
+def test_a_cluster_with_only_the_training_operators_v1_mpijob_is_refused(monkeypatch):
+    p = KubernetesProvider(namespace="bench")
+    monkeypatch.setattr(p, "served_versions", lambda: ["v1"])
+    with pytest.raises(ProviderError, match="kubectl exec.*mpi-operator"):
+        p.api_version()
+    monkeypatch.setattr(p, "served_versions", lambda: [])
+    with pytest.raises(ProviderError, match="no MPIJob CRD.*mpi-operator"):
+        p.api_version()
 
 
 def test_names_and_labels():
@@ -174,8 +185,9 @@ def test_busy_gpus_and_cpu_nodes():
 def test_options_are_checked():
     with pytest.raises(PlanError, match="pending_timeout"):
         KubernetesProvider(inventory="hosts.yaml")
-    with pytest.raises(PlanError):
-        KubernetesProvider(api_version="v3")
+    for bad in ({"api_version": "v1"}, {"api_version": "v3"}, {"clean_pod_policy": "All"}):
+        with pytest.raises(PlanError):
+            KubernetesProvider(**bad)
     assert KubernetesProvider(deadline="12").pending_timeout == 12
 
 
@@ -274,13 +286,13 @@ def test_unschedulable_worker_fails_the_point(tmp_path, monkeypatch):
 
 def test_fleet_manifest_uses_the_job_module():
     p = KubernetesProvider(namespace="bench", api_version="v2beta1")
-    fleet = Fleet(run_id="r", provider="kubernetes", instance_type="k8s-cpu-x2", extra=(("api_version", "v1"),),
+    fleet = Fleet(run_id="r", provider="kubernetes", instance_type="k8s-cpu-x2", extra=(("api_version", "v2beta1"),),
                   nodes=(Node(name="worker-0", address="", slots=2, device="cpu"),))
     job = Job(run_id="r", ranks=2, trainer_args=("--variant", "small"), metrics_path="m", log_path="l",
               timeout_s=60, cpus_per_rank=1, module="gan.commbench")
     doc = p.manifest(fleet, job, "cb-r-2r-1")
     script = doc["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]["command"][2]
-    assert "-m gan.commbench --variant small" in script and doc["apiVersion"] == "kubeflow.org/v1"
+    assert "-m gan.commbench --variant small" in script and doc["apiVersion"] == "kubeflow.org/v2beta1"
 
 
 def test_dockerfile_pins():

@@ -2,8 +2,9 @@
 
 Nothing is bought: the cluster exists. Offerings come from the nodes (allocatable ``nvidia.com/gpu`` and
 the ``nvidia.com/gpu.product`` label; cores where there is no GPU); provision records which workers x slots
-the largest point needs. Each sweep point is one MPIJob (kubeflow.org/v2beta1, or v1 from the training
-operator): a launcher that waits until every worker in the operator's hostfile resolves and then runs
+the largest point needs. Each sweep point is one MPIJob of the MPI operator (kubeflow.org/v2beta1; the
+training operator's v1 MPIJob has no ssh for horovodrun and is refused): a launcher that waits until every
+worker in the operator's hostfile resolves and then runs
 ``horovodrun --gloo`` over it, and workers with GPU limits (or cores). The provider watches the job to its
 end, copies the launcher's log (rank 0's JSON lines) into the run and deletes the job. Everything carries
 ``cloudbench-run=<run id>``, so teardown and ``cloudbench gc --provider kubernetes`` find it.
@@ -11,7 +12,7 @@ end, copies the launcher's log (rank 0's JSON lines) into the run and deletes th
 Options (``--option KEY=VALUE``): context, namespace (default: the context's, else "default"), kubeconfig,
 image, python, pythonpath, horovodrun (what runs inside the image), device (auto|gpu|cpu), gpu_model,
 pending_timeout (alias deadline; seconds a worker may stay unschedulable, default 300), ttl_seconds (300),
-clean_pod_policy (Running), api_version (auto|v2beta1|v1), profile (default|lab; also
+clean_pod_policy (Running|None), api_version (auto|v2beta1), profile (default|lab; also
 $CLOUDBENCH_KUBERNETES_PROFILE), price_per_gpu_hour, currency, slots_per_worker (assume nodes of that many
 slots instead of asking the cluster: ``--dry-run`` without one).
 """
@@ -36,6 +37,7 @@ OPTIONS = ("context", "namespace", "kubeconfig", "image", "python", "pythonpath"
            "pending_timeout", "deadline", "ttl_seconds", "clean_pod_policy", "api_version", "profile",
            "price_per_gpu_hour", "currency", "slots_per_worker")
 PROFILES = ("default", "lab")
+RETRY_SECONDS = 120  # how long reads and deletes are retried through API server trouble
 STUCK = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError")
 KINDS = (("pod", "pods"), ("service", "services"), ("configmap", "configmaps"), ("secret", "secrets"))
 
@@ -54,7 +56,7 @@ class KubernetesProvider:
     name = "kubernetes"
     description = "a Kubernetes cluster with the Kubeflow MPI operator: one MPIJob per point"
     capabilities = Capabilities(gpus=True, multi_node=True, spot=False, prices=False, engines=("gloo",),
-                                notes="--context/--namespace [--option image=... api_version=v2beta1|v1 "
+                                notes="--context/--namespace [--option image=... "
                                       "pending_timeout=300 profile=lab]")
 
     def __init__(self, **options):
@@ -69,19 +71,22 @@ class KubernetesProvider:
             o = {"python": sys.executable, "pythonpath": str(ROOT), "device": "cpu",
                  "horovodrun": tool("horovodrun") or os.path.join(os.path.dirname(sys.executable), "horovodrun"),
                  **o}
-        self.profile, self.context, self.kubeconfig = profile, o.get("context"), o.get("kubeconfig")
+        # KUBECONFIG read now: the client library reads it once, when it is first imported
+        self.profile, self.context = profile, o.get("context")
+        self.kubeconfig = o.get("kubeconfig") or os.environ.get("KUBECONFIG") or None
         self._namespace = o.get("namespace")
         self.device = o.get("device", "auto")
         if self.device not in ("auto", "gpu", "cpu"):
             raise PlanError("device", self.device, "auto, gpu or cpu")
         self.gpu_model = o.get("gpu_model")
         self.api_choice = o.get("api_version", "auto")
-        if self.api_choice not in ("auto",) + mf.VERSIONS:
-            raise PlanError("api_version", self.api_choice, "auto, v2beta1 or v1")
+        if self.api_choice not in ("auto", "v2beta1"):
+            raise PlanError("api_version", self.api_choice, "auto or v2beta1 (the MPI operator's; the training "
+                                                            "operator's v1 MPIJob has no ssh for horovodrun)")
         self.pending_timeout = _number("pending_timeout", o.get("pending_timeout", o.get("deadline", 300)))
         policy = o.get("clean_pod_policy", "Running")
-        if policy not in ("Running", "All", "None"):
-            raise PlanError("clean_pod_policy", policy, "Running, All or None")
+        if policy not in ("Running", "None"):  # All would delete the launcher before its log is read
+            raise PlanError("clean_pod_policy", policy, "Running or None (All removes the launcher's log)")
         self.base = mf.Settings(image=o.get("image", mf.DEFAULT_IMAGE), python=o.get("python", "python3"),
                                 pythonpath=o.get("pythonpath", mf.WORKDIR),
                                 horovodrun=o.get("horovodrun", "horovodrun"),
@@ -131,22 +136,34 @@ class KubernetesProvider:
             self._api = client.ApiClient(cfg)
         return self._api
 
-    def _req(self, method, path, query=None, body=None, ok404=False, timeout=60):
-        """One API call; the JSON answer as a dict (None for a 404 when ``ok404``)."""
+    def _req(self, method, path, query=None, body=None, ok404=False, timeout=60, deadline=RETRY_SECONDS):
+        """One API call; the JSON answer as a dict (None for a 404 when ``ok404``). Reads and deletes (safe to
+        repeat) are retried on 429/5xx and lost connections for ``deadline`` seconds: one hiccup of the API
+        server must not end an hour-long point."""
         from kubernetes.client.rest import ApiException
 
-        try:
-            r = self.api().call_api(path, method, query_params=list((query or {}).items()), body=body,
-                                    header_params={"Accept": "application/json", "Content-Type": "application/json"},
-                                    auth_settings=["BearerToken"], _preload_content=False,
-                                    _return_http_data_only=True, _request_timeout=timeout)
-        except ApiException as e:
-            if e.status == 404 and ok404:
-                return None
-            raise ProviderError(f"kubernetes: {method} {path}: {e.status} {e.reason}: {(e.body or '')[:300]}") \
-                from None
-        except Exception as e:  # connection refused, TLS, timeouts (urllib3)
-            raise ProviderError(f"kubernetes: {method} {path}: the API server did not answer ({e})") from None
+        give_up, delay = time.monotonic() + (deadline if method in ("GET", "DELETE") else 0), 1.0
+        while True:
+            try:
+                r = self.api().call_api(path, method, query_params=list((query or {}).items()), body=body,
+                                        header_params={"Accept": "application/json",
+                                                       "Content-Type": "application/json"},
+                                        auth_settings=["BearerToken"], _preload_content=False,
+                                        _return_http_data_only=True, _request_timeout=timeout)
+                break
+            except ApiException as e:
+                if e.status == 404 and ok404:
+                    return None
+                why = f"{e.status} {e.reason}: {(e.body or '')[:300]}"
+                if not (e.status == 429 or e.status >= 500) or time.monotonic() + delay > give_up:
+                    raise ProviderError(f"kubernetes: {method} {path}: {why}") from None
+            except Exception as e:  # connection refused, TLS, timeouts (urllib3)
+                why = f"the API server did not answer ({e})"
+                if time.monotonic() + delay > give_up:
+                    raise ProviderError(f"kubernetes: {method} {path}: {why}") from None
+            log.warning("kubernetes: %s %s: %s; retrying in %.0f s", method, path, why, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
         data = r.data.decode() if isinstance(r.data, bytes) else r.data
         return json.loads(data) if data else {}
 
@@ -173,13 +190,11 @@ class KubernetesProvider:
     def api_version(self):
         if self._version is None:
             served = self.served_versions()
-            want = [self.api_choice] if self.api_choice != "auto" else list(mf.VERSIONS)
-            usable = [v for v in want if v in served]
-            if not usable:
-                what = f"kubeflow.org/{self.api_choice}" if self.api_choice != "auto" else "kubeflow.org"
-                have = f" (it serves MPIJob {', '.join(served)})" if served else ""
-                raise ProviderError(f"kubernetes: the cluster has no MPIJob CRD {what}{have}; {mf.INSTALL}")
-            self._version = usable[0]
+            if "v2beta1" not in served:
+                if served:
+                    raise ProviderError(f"kubernetes: {mf.V1_REFUSED}{mf.INSTALL}")
+                raise ProviderError(f"kubernetes: the cluster has no MPIJob CRD (kubeflow.org); {mf.INSTALL}")
+            self._version = "v2beta1"
         return self._version
 
     def check(self):
@@ -252,6 +267,9 @@ class KubernetesProvider:
                        (self.api_choice if self.api_choice != "auto" else "v2beta1"))
 
     def provision(self, spec: FleetSpec, on_record):
+        gone = self.teardown(spec.run_id)  # a resumed run: its dead harness's jobs still hold the nodes
+        if gone:
+            log.warning("kubernetes: deleted %d object(s) an earlier harness of run %s left", len(gone), spec.run_id)
         offer, workers = self.shapes(spec.slots, spec.instance_type)[0]
         device = "gpu" if offer.gpus else "cpu"
         nodes = tuple(Node(name=f"worker-{i}", address="", slots=offer.slots, device=device,
@@ -347,7 +365,12 @@ class KubernetesProvider:
                     c = done[kind]
                     return kind, f"{c.get('reason') or kind}: {c.get('message') or ''}".rstrip(": ")
             now = time.monotonic()
-            for pod in self._pods(name):
+            pods = self._pods(name)
+            if not pods and now - t0 > self.pending_timeout:
+                raise PointFailed(f"MPIJob {name}: no pod after {now - t0:.0f} s (is the MPI operator running, or "
+                                  "does a ResourceQuota/LimitRange refuse its pods? kubectl describe mpijob "
+                                  f"{name} -n {self.namespace})", job.log_path)
+            for pod in pods:
                 why = pending_reason(pod)
                 pname = pod["metadata"]["name"]
                 if not why:

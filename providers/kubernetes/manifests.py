@@ -25,10 +25,13 @@ JOB_NAME, JOB_ROLE = "training.kubeflow.org/job-name", "training.kubeflow.org/jo
 HOSTFILE = "/etc/mpi/hostfile"
 WORKDIR = "/opt/cloudbench"  # the image's workdir (gan/Dockerfile)
 DEFAULT_IMAGE = "cloudbench/trainer:tf2.15.1-hvd0.28.1"
-INSTALL = ("install the MPI operator: kubectl apply --server-side -f https://raw.githubusercontent.com/kubeflow/"
-           "mpi-operator/v0.6.0/deploy/v2beta1/mpi-operator.yaml (kubeflow.org/v2beta1), or the Kubeflow training "
-           "operator: kubectl apply --server-side -k \"github.com/kubeflow/training-operator.git/manifests/"
-           "overlays/standalone?ref=v1.8.1\" (kubeflow.org/v1, --option api_version=v1)")
+INSTALL = ("install the MPI operator (kubeflow.org/v2beta1): kubectl apply --server-side -f "
+           "https://raw.githubusercontent.com/kubeflow/mpi-operator/v0.6.0/deploy/v2beta1/mpi-operator.yaml")
+# The training operator's kubeflow.org/v1 MPIJob starts ranks with kubectl exec and mounts no ssh keys, so the
+# launcher's horovodrun --gloo (ssh to the workers) cannot run there: it is recognised and refused.
+V1_REFUSED = ("the cluster serves only the training operator's kubeflow.org/v1 MPIJob, which starts ranks with "
+              "kubectl exec and gives the launcher no ssh keys; cloudbench's launcher (horovodrun over ssh) needs "
+              "the MPI operator: ")
 LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
 QUANTITY = re.compile(r"([0-9.]+(?:[eE][-+]?[0-9]+)?)([a-zA-Z]*)")
 SUFFIX = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30,
@@ -238,16 +241,18 @@ def mpijob(settings: Settings, *, name, run_id, owner, ranks, per_node, device, 
     else:
         cores = spw * (cpus_per_rank or 1)
         resources = {"requests": {"cpu": str(cores)}, "limits": {"cpu": str(cores)}}
-    v1 = settings.api_version == "v1"
-
     def template(role, container, node_selector=None):
-        spec = {"containers": [{"name": "mpi" if v1 else role, "image": settings.image,
+        spec = {"containers": [{"name": role, "image": settings.image,
                                 "imagePullPolicy": "IfNotPresent", "env": env(settings, run_id), **container}]}
         if node_selector:
             spec["nodeSelector"] = node_selector
+        if role == "worker" and device == "gpu":  # GPU nodes are often tainted for GPU pods only
+            spec["tolerations"] = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
         return {"metadata": {"labels": dict(lab), "annotations": {OWNER_ANNOTATION: str(owner)}}, "spec": spec}
 
-    run_policy = {"cleanPodPolicy": settings.clean_pod_policy, "ttlSecondsAfterFinished": int(settings.ttl_seconds)}
+    # backoffLimit 0: a failed launcher fails the point (the runner decides about retries), never a silent rerun
+    run_policy = {"cleanPodPolicy": settings.clean_pod_policy, "ttlSecondsAfterFinished": int(settings.ttl_seconds),
+                  "backoffLimit": 0}
     if timeout_s:  # the cluster stops the job even when the harness that watches it is gone
         run_policy["activeDeadlineSeconds"] = int(math.ceil(timeout_s)) + 60
     return {
