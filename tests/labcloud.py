@@ -32,13 +32,29 @@ def lab_cloud(name, kind, hosts=2):
 
 
 def emulator(cloud, path, body=None):
-    """GET (or POST body to) /_emulator/<path> of the cloud's emulator; its JSON answer."""
-    base = cloud["url"].rsplit("/v2", 1)[0] if cloud["url"].endswith("/v2") else cloud["url"]
+    """GET (or POST body to) /_emulator/<path> of an emulator (its URL, or a lab_cloud() record); its JSON
+    answer. HTTP errors raise urllib.error.HTTPError."""
+    url = cloud if isinstance(cloud, str) else cloud["url"]
+    base = url[:-len("/v2")] if url.endswith("/v2") else url
     req = urllib.request.Request(base + "/_emulator/" + path, method="POST" if body is not None else "GET",
                                  data=None if body is None else json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read() or b"{}")
+
+
+def provision(provider, run_id, tmp_path, slots=2):
+    """provider.provision() for a small plan as the runner calls it, torn down when it fails: (fleet, the
+    records it wrote)."""
+    from providers.base import FleetSpec
+
+    records = []
+    spec = FleetSpec(run_id=run_id, provider=provider.name, slots=slots, variant="small", workdir=str(tmp_path))
+    try:
+        return provider.provision(spec, records.append), records
+    except BaseException:
+        provider.teardown(run_id, records[-1] if records else None)
+        raise
 
 
 def until(what, fn, timeout=15, period=0.1):

@@ -13,8 +13,9 @@ import pytest
 from harness.errors import PlanError, PointFailed, ProviderError
 from providers import prices
 from providers.aws import AwsProvider
-from providers.base import FleetSpec, Job
+from providers.base import Job
 from conftest import BIN
+import labcloud
 from labcloud import emulator, lab_cloud
 from test_run_local import ROOT, cloudbench, run_ok
 
@@ -56,13 +57,7 @@ def clean(cloud):
 
 def provision(run_id, tmp_path, slots=2, **options):
     p = AwsProvider(**options)
-    records = []
-    spec = FleetSpec(run_id=run_id, provider="aws", slots=slots, variant="small", workdir=str(tmp_path))
-    try:
-        fleet = p.provision(spec, records.append)
-    except BaseException:
-        p.teardown(run_id, records[-1] if records else None)
-        raise
+    fleet, records = labcloud.provision(p, run_id, tmp_path, slots)
     return p, fleet
 
 

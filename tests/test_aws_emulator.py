@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 from harness.emulators.aws import LAB_IMAGE, SPOT_REASON, AwsEmulator
-from labcloud import running
+from labcloud import emulator as control, running
 
 boto3 = pytest.importorskip("boto3")
 from botocore.config import Config  # noqa: E402
@@ -22,13 +22,6 @@ PUBKEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHn3XG2Fyh7/1vQGk9m4sWzpq1H7tRj8Bs
 NO_RETRY = Config(retries={"total_max_attempts": 1, "mode": "standard"})
 
 
-def control(url, path, body=None):
-    """The emulator's own endpoints (/_emulator/...): GET, or POST with a JSON body."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url + "/_emulator/" + path, data=data, method="GET" if data is None else "POST",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
 
 
 def client(emu, service="ec2", config=NO_RETRY, region=None):

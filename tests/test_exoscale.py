@@ -11,9 +11,9 @@ import time
 import pytest
 
 from harness.errors import PlanError, ProviderError
-from providers.base import FleetSpec
 from providers.exoscale import ExoscaleProvider, sign
 from conftest import BIN
+import labcloud
 from labcloud import emulator, lab_cloud
 from test_run_local import ROOT, cloudbench, run_ok
 
@@ -67,13 +67,7 @@ def clean(cloud):
 
 def provision(run_id, tmp_path, slots=2, **options):
     p = ExoscaleProvider(**options)
-    records = []
-    spec = FleetSpec(run_id=run_id, provider="exoscale", slots=slots, variant="small", workdir=str(tmp_path))
-    try:
-        fleet = p.provision(spec, records.append)
-    except BaseException:
-        p.teardown(run_id, records[-1] if records else None)
-        raise
+    fleet, records = labcloud.provision(p, run_id, tmp_path, slots)
     return p, fleet
 
 

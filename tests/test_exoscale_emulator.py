@@ -17,7 +17,7 @@ import requests
 
 from harness import lab
 from harness.emulators.exoscale import ExoscaleEmulator
-from labcloud import until
+from labcloud import emulator, until
 
 v2 = pytest.importorskip("exoscale.api.v2")
 from exoscale.api.exceptions import (  # noqa: E402
@@ -28,10 +28,7 @@ PUBKEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHn3XG2Fyh7/1vQGk9m4sWzpq1H7tRj8Bs
 
 # -- helpers ----------------------------------------------------------------------------------------
 def control(emu, path, body=None):
-    base = emu.url[:-len("/v2")] + "/_emulator/" + path
-    r = requests.get(base, timeout=10) if body is None else requests.post(base, json=body, timeout=10)
-    r.raise_for_status()
-    return r.json()
+    return emulator(emu.url, path, body)
 
 
 def client(emu, secret=None, key=None):

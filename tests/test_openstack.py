@@ -15,6 +15,7 @@ from harness.errors import PlanError
 from providers.openstack import OpenStackProvider
 from providers.openstack import config as osconfig
 from conftest import BIN
+import labcloud
 from labcloud import emulator, lab_cloud
 from test_run_local import ROOT, cloudbench, run_ok
 
@@ -144,16 +145,8 @@ FAULTS = ("quota", "no_valid_host", "server_error", "rate_limit", "internal_erro
 
 
 def provision(run_id, tmp_path, slots=2, **options):
-    from providers.base import FleetSpec
-
     p = OpenStackProvider(cloud="cloudbench-lab", **options)
-    records = []
-    spec = FleetSpec(run_id=run_id, provider="openstack", slots=slots, variant="small", workdir=str(tmp_path))
-    try:
-        fleet = p.provision(spec, records.append)
-    except BaseException:
-        p.teardown(run_id, records[-1] if records else None)
-        raise
+    fleet, records = labcloud.provision(p, run_id, tmp_path, slots)
     return p, fleet, records
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from harness import lab
 from harness.emulators.openstack import NO_VALID_HOST, OpenStackEmulator
-from labcloud import running, until
+from labcloud import emulator as control, running, until
 
 openstack = pytest.importorskip("openstack")
 from libcloud.common.exceptions import BaseHTTPError, RateLimitReachedError  # noqa: E402
@@ -27,13 +27,6 @@ PUBKEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHn3XG2Fyh7/1vQGk9m4sWzpq1H7tRj8Bs
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-def control(url, path, body=None):
-    """The emulator's own endpoints (/_emulator/...): GET, or POST with a JSON body."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url + "/_emulator/" + path, data=data, method="GET" if data is None else "POST",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
 
 
 def raw(url, path, method="GET", body=None, headers=None):
