@@ -13,7 +13,7 @@ import platform
 import sys
 from pathlib import Path
 
-from harness.errors import CloudbenchError
+from providers.errors import CloudbenchError
 
 RUNS = Path("results") / "runs"
 BASELINES = Path("results") / "baselines"
@@ -73,7 +73,7 @@ def cmd_run(args):
     print(f"cloudbench: run {store.run_id} -> {store.dir}", file=sys.stderr)
     try:
         df = runner.execute(plan, store, provider, progress=not args.no_progress)
-    except runner.Interrupted:
+    except KeyboardInterrupt:
         print(f"cloudbench: interrupted; finished points are kept. Resume with: cloudbench run --resume {store.run_id}",
               file=sys.stderr)
         upload(plan, store)
@@ -105,7 +105,7 @@ def upload(plan, store):
     destination. A failed upload is reported, never hides the run's own outcome, and the results stay here."""
     if not plan.upload:
         return None
-    from harness import objstore
+    from providers import objstore
 
     try:
         dest, files, size = objstore.upload(store.dir, plan.upload, store.run_id, plan.s3_endpoint,
@@ -140,7 +140,7 @@ def provider_options(args, options=None):
 
 def dry_run(plan, provider, as_json):
     from harness import plan as hplan
-    from harness.runner import choose_offering
+    from harness.runner import choose_offering, dry_run_jobs
 
     offer = choose_offering(plan, provider)
     plan = hplan.resolve(plan, offer)
@@ -153,7 +153,7 @@ def dry_run(plan, provider, as_json):
            "device": "gpu" if offer.gpus else "cpu", "gpu_model": offer.gpu_model, "sweep": list(plan.sweep),
            "repetitions": plan.repetitions, "launches": launches, "price_per_hour": price,
            "cost_upper_bound": worst, "plan": plan.to_dict()}
-    manifests = provider.dry_run_manifests(plan, offer) if hasattr(provider, "dry_run_manifests") else None
+    manifests = provider.dry_run_manifests(dry_run_jobs(plan, offer), offer) if hasattr(provider, "dry_run_manifests") else None
     if manifests:
         out["manifests"] = manifests
     if as_json:
@@ -187,7 +187,7 @@ def cmd_regress(args):
     from harness import regress
 
     if not 0 <= args.tolerance < 1:
-        from harness.errors import PlanError
+        from providers.errors import PlanError
 
         raise PlanError("tolerance", args.tolerance, "a fraction in [0, 1), e.g. 0.05")
     checks = regress.compare(args.baseline, args.current, args.tolerance, args.alpha)
@@ -281,7 +281,7 @@ def cmd_gc(args):
 
 
 def cmd_lab(args):
-    from harness import lab
+    from harness.lab import hosts as lab
 
     if args.action == "up":
         out = lab.up(hosts=args.hosts, bandwidth=args.bandwidth, name=args.name, slots=args.slots,
@@ -450,8 +450,8 @@ def main(argv=None) -> int:
     except CloudbenchError as e:
         print(f"cloudbench: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("cloudbench: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # runner.Interrupted (SIGINT/SIGTERM) is one
+        print(f"cloudbench: {e or 'interrupted'}", file=sys.stderr)
         return 130
 
 

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from harness.errors import PlanError
+from providers.errors import PlanError
 
 VARIANTS = ("fixed", "angle", "small")
 ENGINES = ("gloo", "mpi")
@@ -146,7 +146,7 @@ def build(file_fields=None, **flags):
     v["warmup"] = _int("warmup", raw.get("warmup", 5), 0)
     v["data"] = str(raw.get("data") or "synthetic")
     if v["data"].startswith("s3://") or raw.get("upload"):
-        from harness import objstore
+        from providers import objstore
 
         if v["data"].startswith("s3://"):
             objstore.parse(v["data"], "data")

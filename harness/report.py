@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from harness import scaling
-from harness.errors import CloudbenchError
+from providers.errors import CloudbenchError
 from harness.results import RunStore
 
 KEYS = ["run_id", "provider", "instance_type", "device", "gpus"]

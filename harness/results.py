@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.errors import CloudbenchError
+from providers.errors import CloudbenchError
 
 DEFAULT_ROOT = Path("results") / "runs"
 

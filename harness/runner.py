@@ -16,19 +16,15 @@ import socket
 import sys
 
 from harness import plan as hplan
-from harness.errors import CloudbenchError, PointFailed
+from providers.errors import CloudbenchError, Interrupted, PointFailed
 from harness.results import RunStore, new_run_id
 from providers import base
 
 log = logging.getLogger("cloudbench")
 
 
-class Interrupted(CloudbenchError):
-    exit_code = 130
-
-
 def _raise_interrupt(signum, frame):
-    raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
+    raise Interrupted(signal.Signals(signum).name)
 
 
 def trainer_args(plan: hplan.RunPlan, data=None):
@@ -37,10 +33,17 @@ def trainer_args(plan: hplan.RunPlan, data=None):
             "--warmup", str(plan.warmup), *(data or ("--data", plan.data)), "--precision", plan.precision)
 
 
+def dry_run_jobs(plan: hplan.RunPlan, offer) -> list:
+    """The first repetition of each point as the Jobs a provider would be given (``--dry-run`` manifests)."""
+    return [base.Job(run_id=f"dryrun-{plan.provider}", ranks=ranks, trainer_args=trainer_args(plan), metrics_path="",
+                     log_path="", timeout_s=plan.point_timeout_s, cpus_per_rank=None if offer.gpus else 1)
+            for ranks in plan.sweep]
+
+
 def check_data(plan, provider):
     """--data s3://...: the provider can stage and the prefix holds data; before anything is provisioned."""
     if plan.data.startswith("s3://"):
-        from harness import objstore
+        from providers import objstore
 
         if not hasattr(provider, "stage"):
             raise hplan.PlanError("data", plan.data, f"a local path: the {plan.provider} provider cannot stage "
@@ -52,7 +55,7 @@ def stage_data(plan, store, provider, fleet):
     """--data s3://...: each node downloads its share; returns the trainer's data arguments (None otherwise)."""
     if not plan.data.startswith("s3://"):
         return None
-    from harness import objstore
+    from providers import objstore
 
     assignments, mode = objstore.shards(plan.data, len(fleet.nodes), plan.s3_endpoint)
     path = provider.stage(fleet, assignments)
@@ -146,7 +149,7 @@ def execute(plan: hplan.RunPlan, store: RunStore, provider, progress=True):
                           data)
         store.update_state(state="finished", finished_at=dt.datetime.now(dt.timezone.utc).isoformat())
         return store.samples()
-    except Interrupted:
+    except KeyboardInterrupt:  # Interrupted (SIGINT/SIGTERM), or a KeyboardInterrupt raised before our handler
         store.update_state(state="interrupted")
         raise
     except BaseException:

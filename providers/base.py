@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Optional, Protocol, runtime_checkable
 
-from harness.errors import CloudbenchError
+from providers.errors import CloudbenchError
 
 TAG = "cloudbench-run"  # every resource carries TAG=<run_id>
 
@@ -169,7 +169,7 @@ def count_steps(path):
 def watch(finished, job: Job, progress_path, on_progress=None, interval=1.0, timeout_message=None):
     """Poll ``finished()`` until it is true, reporting the steps counted in ``progress_path``; raise
     PointFailed with ``timeout_message()`` once the job's timeout has passed. Returns the seconds waited."""
-    from harness.errors import PointFailed
+    from providers.errors import PointFailed
 
     t0 = time.monotonic()
     while not finished():

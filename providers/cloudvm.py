@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from harness.errors import PlanError, ProviderError
+from providers.errors import PlanError, ProviderError
 from providers.base import Fleet, FleetSpec, Node
 from providers.ssh import SSHProvider
 

@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from harness import lab
+from harness.lab import hosts as lab
 
 
 def lab_cloud(name, kind, hosts=2):

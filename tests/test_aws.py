@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from harness.errors import PlanError, PointFailed, ProviderError
+from providers.errors import PlanError, PointFailed, ProviderError
 from providers import prices
 from providers.aws import AwsProvider
 from providers.base import Job

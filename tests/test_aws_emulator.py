@@ -1,4 +1,4 @@
-"""The AWS emulator (harness.emulators.aws: moto behind a proxy) as boto3 sees it: EC2 with placement groups,
+"""The AWS emulator (harness.lab.emulators.aws: moto behind a proxy) as boto3 sees it: EC2 with placement groups,
 console host keys, fault switches and spot interruptions; S3 (presigned URLs) passed through; and, with a lab,
 an instance that is a lab host one can ssh into."""
 import json
@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from harness.emulators.aws import LAB_IMAGE, SPOT_REASON, AwsEmulator
+from harness.lab.emulators.aws import LAB_IMAGE, SPOT_REASON, AwsEmulator
 from labcloud import emulator as control, running
 
 boto3 = pytest.importorskip("boto3")
@@ -229,7 +229,7 @@ def test_s3_through_the_proxy(cloud):
 
 # -- the CLI ------------------------------------------------------------------------------------------
 def test_serve_prints_one_json_line():
-    p = subprocess.Popen([sys.executable, "-m", "harness.emulators.aws", "serve", "--port", "0"],
+    p = subprocess.Popen([sys.executable, "-m", "harness.lab.emulators.aws", "serve", "--port", "0"],
                          stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     try:
         info = json.loads(p.stdout.readline())
@@ -254,7 +254,7 @@ def awslab():
     """Lab "aws1" (2 hosts) and an emulator listening on its bridge, as lab hosts would reach it."""
     if os.geteuid() != 0:
         pytest.skip("the lab needs root")
-    from harness import lab
+    from harness.lab import hosts as lab
 
     lab.down(LAB)
     lab.up(hosts=2, name=LAB, slots=1)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from harness.errors import PlanError, ProviderError
+from providers.errors import PlanError, ProviderError
 from providers.exoscale import ExoscaleProvider, sign
 from conftest import BIN
 import labcloud

@@ -1,4 +1,4 @@
-"""The Exoscale emulator (harness.emulators.exoscale) as the official `exoscale` client sees it, a second
+"""The Exoscale emulator (harness.lab.emulators.exoscale) as the official `exoscale` client sees it, a second
 implementation of the EXO2-HMAC-SHA256 signature against it, its fault switches, and (as root) an instance
 that is a lab host serving the host key its user-data brought."""
 import base64
@@ -15,8 +15,8 @@ from urllib.parse import urlencode
 import pytest
 import requests
 
-from harness import lab
-from harness.emulators.exoscale import ExoscaleEmulator
+from harness.lab import hosts as lab
+from harness.lab.emulators.exoscale import ExoscaleEmulator
 from labcloud import emulator, until
 
 v2 = pytest.importorskip("exoscale.api.v2")
@@ -252,7 +252,7 @@ def test_slow_start(cloud):
 
 
 def test_serve_prints_one_json_line():
-    p = subprocess.Popen([sys.executable, "-m", "harness.emulators.exoscale", "serve", "--zone", "de-fra-1"],
+    p = subprocess.Popen([sys.executable, "-m", "harness.lab.emulators.exoscale", "serve", "--zone", "de-fra-1"],
                          stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     try:
         info = json.loads(p.stdout.readline())

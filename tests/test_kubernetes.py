@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from harness.errors import ProviderError
+from providers.errors import ProviderError
 from providers.kubernetes import KubernetesProvider
 from labcloud import emulator, lab_cloud
 from test_run_local import cloudbench, run_ok

@@ -10,9 +10,10 @@ import time
 import pytest
 import yaml
 
-from harness import lab
-from harness.emulators import kubernetes as kemu
-from harness.emulators import labhost
+from harness.lab import hosts as lab
+from harness.lab.emulators import kubernetes as kemu
+from harness.lab.emulators import labhost
+from harness.lab.common import kubeconfig
 from labcloud import running, until
 
 k8s = pytest.importorskip("kubernetes")
@@ -237,13 +238,13 @@ def test_gpu_nodes():
 
 def test_cli_serve_without_lab(tmp_path):
     """The daemon's JSON line, a kubeconfig the client loads, and an MPIJob failing for want of lab hosts."""
-    p = subprocess.Popen([sys.executable, "-m", "harness.emulators.kubernetes", "serve", "--gpus-per-node", "2"],
+    p = subprocess.Popen([sys.executable, "-m", "harness.lab.emulators.kubernetes", "serve", "--gpus-per-node", "2"],
                          stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     try:
         info = json.loads(p.stdout.readline())
         assert set(info) == {"url", "auth_url", "pid", "lab", "token", "namespace"} and info["pid"] == p.pid
         path = tmp_path / "kubeconfig"
-        path.write_text(yaml.safe_dump(kemu.kubeconfig(info["url"], info["token"])))
+        path.write_text(yaml.safe_dump(kubeconfig(info["url"], info["token"])))
         api = config.new_client_from_config(config_file=str(path))
         assert client.CoreV1Api(api).list_node().items == []
         co = client.CustomObjectsApi(api)

@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 import yaml
 
-from harness.errors import PlanError, PointFailed, ProviderError
+from providers.errors import PlanError, PointFailed, ProviderError
 from harness.runner import parse_summary
 from providers.base import Fleet, Job, Node
 from providers.kubernetes import KubernetesProvider, manifests as mf, pending_reason
@@ -193,12 +193,13 @@ def test_options_are_checked():
 
 def test_dry_run_needs_no_cluster(validator, monkeypatch, tmp_path):
     from harness import plan as hplan
+    from harness.runner import dry_run_jobs
 
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
     p = KubernetesProvider(slots_per_worker="8", gpu_model="A100", namespace="bench")
     (offer, n), = p.shapes(16)
     plan = hplan.resolve(hplan.build({}, provider="kubernetes", gpus=16), offer)
-    docs = list(yaml.safe_load_all(p.dry_run_manifests(plan, offer)))
+    docs = list(yaml.safe_load_all(p.dry_run_manifests(dry_run_jobs(plan, offer), offer)))
     assert [d["spec"]["mpiReplicaSpecs"]["Worker"]["replicas"] for d in docs] == [1, 1, 1, 1, 2]
     for d in docs:
         validator.validate(d)

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from harness import lab
+from harness.lab import hosts as lab
 from test_run_local import cloudbench
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
@@ -86,6 +86,6 @@ def test_bad_input_says_what_is_expected(args, message):
 def test_without_root_it_says_so(tmp_path):
     p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "env",
                         f"CLOUDBENCH_LAB_DIR={tmp_path}", "python3", "-c",
-                        "import sys; sys.path.insert(0, '.'); from harness import lab; lab.up(2)"],
+                        "import sys; sys.path.insert(0, '.'); from harness.lab import hosts as lab; lab.up(2)"],
                        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert p.returncode != 0 and "needs root" in p.stderr

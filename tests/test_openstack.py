@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.errors import PlanError
+from providers.errors import PlanError
 from providers.openstack import OpenStackProvider
 from providers.openstack import config as osconfig
 from conftest import BIN

@@ -1,4 +1,4 @@
-"""The OpenStack emulator (harness.emulators.openstack) as libcloud and openstacksdk see it: without a lab
+"""The OpenStack emulator (harness.lab.emulators.openstack) as libcloud and openstacksdk see it: without a lab
 (fidelity of the APIs, fault switches), and with a lab (an ACTIVE server is a lab host one can ssh into)."""
 import json
 import os
@@ -9,8 +9,8 @@ import urllib.request
 
 import pytest
 
-from harness import lab
-from harness.emulators.openstack import NO_VALID_HOST, OpenStackEmulator
+from harness.lab import hosts as lab
+from harness.lab.emulators.openstack import NO_VALID_HOST, OpenStackEmulator
 from labcloud import emulator as control, running, until
 
 openstack = pytest.importorskip("openstack")

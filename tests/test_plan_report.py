@@ -9,7 +9,7 @@ import pytest
 from conftest import run_module
 from harness import plan as hplan
 from harness import regress, report
-from harness.errors import PlanError
+from providers.errors import PlanError
 from harness.results import RunStore, copy_run
 from providers.base import Offering
 
@@ -188,7 +188,9 @@ def test_ring_allreduce_model():
     # 1 s compute, 4 messages of 0.25 GB over 1 GB/s at n=2 -> 1 s of communication -> E = 0.5.
     assert scaling.predicted_efficiency(1.0, 2, [0.25e9] * 4, 1e9) == pytest.approx(0.5)
     assert np.isnan(scaling.predicted_efficiency(1.0, 2, [0.25e9] * 4, float("nan")))
-    bw, lat = scaling.measure_tcp_link(megabytes=8)
+    from providers.netprobe import measure_tcp_link
+
+    bw, lat = measure_tcp_link(megabytes=8)
     assert bw > 1e7 and 0 < lat < 0.01
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from conftest import BIN, ROOT
-from harness import slurmlab
+from harness.lab import slurm as slurmlab
 from providers.slurm import parse_gres_gpus
 from providers.slurm.launch import tasks_per_node
 from test_run_local import cloudbench

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from harness import lab
-from harness.errors import PlanError, ProviderError
+from harness.lab import hosts as lab
+from providers.errors import PlanError, ProviderError
 from providers.base import FleetSpec
 from providers.ssh import SSHProvider, load_inventory
 from conftest import BIN

@@ -10,8 +10,8 @@ import hcl2
 import pytest
 import yaml
 
-from harness import lab
-from harness.errors import PlanError
+from harness.lab import hosts as lab
+from providers.errors import PlanError
 from providers.base import Fleet, FleetSpec
 from providers.ssh import SSHProvider
 from providers.terraform import TerraformProvider, error_text, module_variables, parse_vars

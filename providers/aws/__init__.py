@@ -25,7 +25,7 @@ import secrets
 import time
 from pathlib import Path
 
-from harness.errors import CloudbenchError, PlanError, PointFailed, ProviderError
+from providers.errors import CloudbenchError, PlanError, PointFailed, ProviderError
 from providers import cloudvm, prices
 from providers.base import TAG, Capabilities, Fleet, FleetSpec, Job, Offering, Resource
 from providers.local import harness_owner

@@ -29,7 +29,7 @@ import subprocess
 import time
 from urllib.parse import urlencode, urlparse
 
-from harness.errors import PlanError, ProviderError
+from providers.errors import PlanError, ProviderError
 from providers import cloudvm, prices
 from providers.base import TAG, Capabilities, Fleet, FleetSpec, Offering, Resource
 from providers.local import harness_owner

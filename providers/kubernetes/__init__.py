@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.errors import PlanError, PointFailed, ProviderError
+from providers.errors import PlanError, PointFailed, ProviderError
 from providers.base import TAG, Capabilities, Fleet, FleetSpec, Job, JobResult, Node, Offering, Resource
 from providers.cloudvm import fit
 from providers.kubernetes import manifests as mf
@@ -295,18 +295,15 @@ class KubernetesProvider:
                          trainer_args=job.trainer_args, cpus_per_rank=job.cpus_per_rank, timeout_s=job.timeout_s,
                          gpu_model=fleet.nodes[0].gpu_model)
 
-    def dry_run_manifests(self, plan, offer: Offering):
-        """The MPIJobs of the plan's points (first repetition) as YAML, without a cluster."""
-        from harness.runner import trainer_args
-
+    def dry_run_manifests(self, jobs, offer: Offering):
+        """The MPIJobs of the given jobs (the harness's first repetition of each point) as YAML, without a
+        cluster."""
         device = "gpu" if offer.gpus else "cpu"
         docs = []
-        for i, ranks in enumerate(plan.sweep, 1):
-            job = Job(run_id=f"dryrun-{plan.provider}", ranks=ranks, trainer_args=trainer_args(plan), metrics_path="",
-                      log_path="", timeout_s=plan.point_timeout_s, cpus_per_rank=1 if device == "cpu" else None)
+        for i, job in enumerate(jobs, 1):
             fleet = Fleet(run_id=job.run_id, provider=self.name, instance_type=offer.instance_type, nodes=(
                 Node(name="worker-0", address="", slots=offer.slots, device=device, gpu_model=offer.gpu_model),))
-            docs.append(self.manifest(fleet, job, mf.job_name(job.run_id, ranks, i)))
+            docs.append(self.manifest(fleet, job, mf.job_name(job.run_id, job.ranks, i)))
         return mf.to_yaml(docs)
 
     def launch(self, fleet: Fleet, job: Job, on_progress=None):

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.errors import ProviderError
+from providers.errors import ProviderError
 from providers.base import (TAG, Capabilities, Fleet, FleetSpec, Job, JobResult, Node, Offering, Resource,
                             watch)
 
@@ -73,7 +73,7 @@ class LocalProvider:
         device = "gpu" if off.gpus else "cpu"
         node = Node(name=socket.gethostname(), address="127.0.0.1", slots=off.slots, device=device,
                     gpu_model=off.gpu_model)
-        from harness.scaling import measure_tcp_link
+        from providers.netprobe import measure_tcp_link
 
         bw, latency = measure_tcp_link()  # Gloo's ranks talk TCP over loopback here
         fleet = Fleet(run_id=spec.run_id, provider=self.name, instance_type=off.instance_type, nodes=(node,),
@@ -94,7 +94,7 @@ class LocalProvider:
 
     def stage(self, fleet: Fleet, assignments):
         """Download this node's files into the run's directory (data/); returns that directory."""
-        from harness import objstore
+        from providers import objstore
 
         dest = Path(dict(fleet.extra).get("workdir") or ".") / "data"
         got = objstore.fetch_here(assignments[0], dest)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from requests.exceptions import RequestException
 
-from harness.errors import CloudbenchError, PlanError, ProviderError
+from providers.errors import CloudbenchError, PlanError, ProviderError
 from providers import cloudvm
 from providers.base import TAG, Capabilities, Fleet, FleetSpec, Offering, Resource
 from providers.local import harness_owner, owner_alive

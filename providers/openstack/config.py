@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from harness.errors import PlanError
+from providers.errors import PlanError
 
 # Settings cloudbench reads from the clouds.yaml entry's ``cloudbench:`` mapping or from provider options.
 SETTINGS = {
@@ -100,15 +100,12 @@ class Cloud:
 
 
 def clouds_yaml_paths():
-    """openstacksdk's search order, then the clouds.yaml of running labs (`cloudbench lab up --emulate
-    openstack`; the lab named ``lab`` first), so `--cloud cloudbench-lab` works with no variable set."""
+    """openstacksdk's search order: $OS_CLIENT_CONFIG_FILE, ./clouds.yaml, ~/.config/openstack, /etc/openstack.
+    A lab's emulator is found the same way (``eval "$(cloudbench lab env)"`` sets OS_CLIENT_CONFIG_FILE)."""
     env = os.environ.get("OS_CLIENT_CONFIG_FILE")
     paths = [Path(env)] if env else []
-    from harness.lab import STATE_ROOT
-
-    labs = sorted(STATE_ROOT.glob("*/clouds.yaml"), key=lambda p: (p.parent.name != "lab", p.parent.name))
     return paths + [Path("clouds.yaml"), Path.home() / ".config/openstack/clouds.yaml",
-                    Path("/etc/openstack/clouds.yaml"), *labs]
+                    Path("/etc/openstack/clouds.yaml")]
 
 
 def _read_clouds(name):

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.errors import PlanError, PointFailed, ProviderError
+from providers.errors import PlanError, PointFailed, ProviderError
 from providers.base import Capabilities, Fleet, FleetSpec, Job, JobResult, Node, Offering, Resource, watch
 from providers.local import ENV_TAG, harness_owner, owner_alive
 

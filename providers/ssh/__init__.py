@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from harness.errors import PlanError, PointFailed, ProviderError
+from providers.errors import PlanError, PointFailed, ProviderError
 from providers.base import TAG, Capabilities, Fleet, FleetSpec, Job, JobResult, Node, Offering, Resource, watch
 from providers.local import ENV_OWNER, ENV_TAG, harness_owner, kill_group, owner_alive
 
@@ -453,7 +453,7 @@ class SSHProvider:
     def stage(self, fleet: Fleet, assignments):
         """Each node downloads its files ([(name, url)] per node, in fleet order) into the run's scratch, which
         teardown removes; returns that directory (the same path on every node)."""
-        from harness import objstore
+        from providers import objstore
 
         d = self._deployed[fleet.run_id]
         dest = f"{d['rdir']}/data"

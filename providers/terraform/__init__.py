@@ -37,7 +37,7 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
-from harness.errors import PlanError, ProviderError
+from providers.errors import PlanError, ProviderError
 from providers.base import Capabilities, Fleet, FleetSpec, Offering, Resource
 from providers.cloudvm import OverSSH
 from providers.local import harness_owner

@@ -1,6 +1,6 @@
 """A stateful loopback emulator of Exoscale's API v2 whose running instances are lab hosts.
 
-    python -m harness.emulators.exoscale serve [--lab NAME] [--port P] [--zone ch-gva-2]
+    python -m harness.lab.emulators.exoscale serve [--lab NAME] [--port P] [--zone ch-gva-2]
 
 One stdlib HTTP server answers under ``/v2`` (the real base URL is https://api-{zone}.exoscale.com/v2) with the
 paths, JSON keys and operation objects of the OpenAPI spec that ships with the official client
@@ -49,7 +49,7 @@ Where each behaviour comes from:
   "pending" while the instance is "destroying". client.wait polls every 3 s at least; poll get-operation yourself
   for speed.
 
-Lab backing. Given the lab's state (``harness.lab``), a new instance takes a free lab host (any type fits any host:
+Lab backing. Given the lab's state (``harness.lab.hosts``), a new instance takes a free lab host (any type fits any host:
 the lab has no GPUs, a host stands for a VM of any size); its public-ip is the host's address from the start; when
 it turns running its ssh key(s) are authorized on the host (labhost.authorize). Exoscale has no console log, so
 host keys travel the other way: user-data ``#cloud-config`` with ``ssh_keys: {ed25519_private, ed25519_public}``
@@ -87,7 +87,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from harness.emulators import labhost
+from harness.lab.emulators import labhost
 
 PREFIX = "/v2"
 ZONES = ("at-vie-1", "at-vie-2", "bg-sof-1", "ch-dk-2", "ch-gva-2", "de-fra-1", "de-muc-1", "hr-zag-1")
@@ -895,7 +895,7 @@ class ExoscaleEmulator:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m harness.emulators.exoscale",
+    ap = argparse.ArgumentParser(prog="python -m harness.lab.emulators.exoscale",
                                  description="A loopback Exoscale API v2 whose instances are lab hosts.")
     sub = ap.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve in the foreground; prints one JSON line once listening")

@@ -1,6 +1,6 @@
 """A stateful loopback OpenStack API emulator whose ACTIVE servers are lab hosts.
 
-    python -m harness.emulators.openstack serve --lab NAME [--port P]     # or: cloudbench lab up --emulate openstack
+    python -m harness.lab.emulators.openstack serve --lab NAME [--port P]     # or: cloudbench lab up --emulate openstack
 
 One stdlib HTTP server speaks the subset of Keystone v3, Nova 2.1 (microversions 2.1 to 2.79), Glance v2
 and Neutron v2.0 that apache-libcloud's OpenStack driver and openstacksdk use, with the real URLs, status
@@ -15,7 +15,7 @@ codes, headers and bodies (errors included), so clients and the openstack provid
                          security groups and rules, floating IPs (198.18.X.0/24), routers, extensions
     /_emulator/...       not OpenStack: fault switches, quotas, a dump of every resource, reset
 
-Lab backing. Given the lab's state (``harness.lab``), a server that becomes ACTIVE *is* a free lab host: its
+Lab backing. Given the lab's state (``harness.lab.hosts``), a server that becomes ACTIVE *is* a free lab host: its
 fixed address is the host's, its key pair's public key is appended to the host's authorized_keys (marked
 ``cloudbench-emulator:<server id>``) and its console log carries the host's SSH host key in cloud-init's
 format. Deleting the server frees the host as deleting a VM would: the key line goes, every process in
@@ -63,7 +63,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from harness.emulators import labhost
+from harness.lab.emulators import labhost
 
 MIN_VERSION, MAX_VERSION = (2, 1), (2, 79)  # Nova microversions served
 ZONES = ("nova", "az2")  # every lab host is in both
@@ -377,9 +377,9 @@ class OpenStackEmulator:
         self.cidr = cidr
         self.floating_subnet = FLOATING_RANGE.format(cidr.split(".")[2] if lab_state else 0)
         if lab_state:
-            from harness.lab import _subnet_user
+            from harness.lab.common import subnet_user
 
-            user = _subnet_user(self.floating_subnet.rsplit(".", 1)[0])
+            user = subnet_user(self.floating_subnet.rsplit(".", 1)[0])
             if user:
                 raise RuntimeError(f"floating IP range {self.floating_subnet} is already on interface {user} here")
         self._net_prefix = cidr.split("/")[0].rsplit(".", 1)[0]
@@ -1914,7 +1914,7 @@ class OpenStackEmulator:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m harness.emulators.openstack",
+    ap = argparse.ArgumentParser(prog="python -m harness.lab.emulators.openstack",
                                  description="A loopback OpenStack API whose servers are lab hosts.")
     sub = ap.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve in the foreground; prints one JSON line once listening")

@@ -1,7 +1,7 @@
 """A Kubernetes API (kmock's KubernetesEmulator over real HTTP) whose nodes are lab hosts, with a fake Kubeflow
 MPIJob controller that runs each job's launcher for real on a lab host.
 
-    python -m harness.emulators.kubernetes serve [--lab NAME] [--host H] [--port 0] [--gpus-per-node K] [--verbose]
+    python -m harness.lab.emulators.kubernetes serve [--lab NAME] [--host H] [--port 0] [--gpus-per-node K] [--verbose]
 
 prints one JSON line once listening ({"url", "auth_url", "pid", "lab", "token", "namespace"}) and serves until
 SIGTERM/SIGINT. Any bearer token is accepted. Besides the Kubernetes API: GET /healthz (and /livez, /readyz),
@@ -40,7 +40,8 @@ import aiohttp.web
 import kmock
 from kmock._internal import parsing
 
-from harness.emulators import labhost
+from harness.lab.common import ssh_command
+from harness.lab.emulators import labhost
 
 MPI_RESOURCES = ("kubeflow.org/v2beta1/mpijobs", "kubeflow.org/v1/mpijobs")
 CRD_NAME = "mpijobs.kubeflow.org"
@@ -820,11 +821,9 @@ class KubeEmulator:
             if os.path.exists(sock):
                 break
             time.sleep(0.02)
-        from harness import lab
-
         key = str(Path(self.lab["dir"]) / "id_ed25519")
         subprocess.run(["ssh-add", "-q", key], env=agent_env, capture_output=True, timeout=10)
-        cmd = lab.ssh_command(self.lab, job.hosts[0], remote)
+        cmd = ssh_command(self.lab, job.hosts[0], remote)
         cmd[1:1] = ["-A", "-T"]
         job.proc = subprocess.Popen(cmd, env=agent_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, start_new_session=True)
@@ -969,17 +968,8 @@ def _kill_marked(host, uid):
             pass
 
 
-def kubeconfig(url, token, namespace="cloudbench", context="cloudbench-lab"):
-    """A kubeconfig document (for ``kubernetes.config.load_kube_config``) pointing at the emulator."""
-    return {"apiVersion": "v1", "kind": "Config", "preferences": {},
-            "clusters": [{"name": context, "cluster": {"server": url}}],
-            "users": [{"name": context, "user": {"token": token}}],
-            "contexts": [{"name": context, "context": {"cluster": context, "user": context, "namespace": namespace}}],
-            "current-context": context}
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m harness.emulators.kubernetes", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m harness.lab.emulators.kubernetes", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="serve the Kubernetes API emulator until SIGTERM/SIGINT")
     s.add_argument("--lab", help="lab whose hosts are the nodes (none: no nodes, MPIJobs fail)")

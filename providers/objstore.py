@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness.errors import CloudbenchError, PlanError
+from providers.errors import CloudbenchError, PlanError
 
 log = logging.getLogger("cloudbench")
 # Presigned download URLs: SigV4's longest (7 days), so a node replaced late in a sweep can still download

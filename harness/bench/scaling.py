@@ -1,6 +1,6 @@
 """Benchmark: the scaling model against measured efficiency on lab links (needs root).
 
-    python -m harness.bench_scaling [--rates unlimited,100mbit] [--variant small] [--batch-size 8]
+    python -m harness.bench.scaling [--rates unlimited,100mbit] [--variant small] [--batch-size 8]
                                     [--steps 40] [--repetitions 3]
 
 For each rate: ``cloudbench lab up --hosts 2 --slots 1 --bandwidth RATE``, then the ssh provider sweeps 1
@@ -17,7 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness import lab
+from harness.lab import hosts as lab
+from harness.bench import machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,6 +69,8 @@ def main(argv=None):
     ap.add_argument("--repetitions", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "results" / "benchmarks"))
     args = ap.parse_args(argv)
+    machine = machine_line()
+    print(machine, flush=True)
     with tempfile.TemporaryDirectory(prefix="cb-bench-") as results:
         rows = [one(rate, args, results) for rate in args.rates.split(",")]
     lines = [f"scaling model vs measurement on lab links: 2 hosts x 1 slot, {args.variant} model, "
@@ -81,6 +84,7 @@ def main(argv=None):
                      f"{r['predicted_efficiency']:11.2f} {r['ratio']:6.2f}")
     text = "\n".join(lines)
     print(text)
+    text = machine + "\n" + text
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"scaling-lab-{args.variant}-b{args.batch_size}"

@@ -1,7 +1,7 @@
 """A real Slurm cluster on this machine: slurmctld and N slurmd "nodes" (Debian slurm-wlm, needs root).
 
-    python -m harness.slurmlab up [--nodes 2] [--cpus 1] [--name cb]   # prints {"conf": ..., "partition": ...}
-    python -m harness.slurmlab down [--name cb]
+    python -m harness.lab.slurm up [--nodes 2] [--cpus 1] [--name cb]   # prints {"conf": ..., "partition": ...}
+    python -m harness.lab.slurm down [--name cb]
 
 Each node is its own slurmd (``NodeName=<name>[1-N]``, all on 127.0.0.1 with their own ports, the way
 Debian's multiple-slurmd build allows) pinned to its own cores, so ranks on different nodes do not share
@@ -24,7 +24,7 @@ import time
 import zlib
 from pathlib import Path
 
-from harness.errors import CloudbenchError
+from providers.errors import CloudbenchError
 
 STATE_ROOT = Path(os.environ.get("CLOUDBENCH_SLURM_DIR", "/run/cloudbench-slurm"))
 MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
@@ -74,7 +74,7 @@ def up(nodes=2, cpus=None, name="cb"):
         raise SlurmLabError(f"invalid name {name!r} (expected 1-6 lower-case letters)")
     d = STATE_ROOT / name
     if (d / "state.json").exists():
-        raise SlurmLabError(f"Slurm lab {name!r} is already up; `python -m harness.slurmlab down --name {name}`")
+        raise SlurmLabError(f"Slurm lab {name!r} is already up; `python -m harness.lab.slurm down --name {name}`")
     cores = sorted(os.sched_getaffinity(0))
     cpus = cpus or max(1, len(cores) // nodes)
     d.mkdir(parents=True, exist_ok=True)
@@ -168,7 +168,7 @@ def status(name="cb"):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m harness.slurmlab", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m harness.lab.slurm", description=__doc__.split("\n\n")[0])
     ap.add_argument("action", choices=("up", "down", "status"))
     ap.add_argument("--nodes", type=int, default=2)
     ap.add_argument("--cpus", type=int, default=None, help="CPUs per node (default: cores / nodes)")
@@ -178,7 +178,7 @@ def main(argv=None):
         out = up(args.nodes, args.cpus, args.name) if args.action == "up" else \
             down(args.name) if args.action == "down" else status(args.name)
     except CloudbenchError as e:
-        print(f"slurmlab: error: {e}", file=sys.stderr)
+        print(f"harness.lab.slurm: error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(out))
     return 0

@@ -33,9 +33,9 @@ def lab_hosts(lab_state):
 
 def load_lab(name):
     """The state of running lab ``name``; SystemExit naming the missing file when it is not up."""
-    from harness import lab
+    from harness.lab.common import state_dir
 
-    path = lab.state_dir(name) / "state.json"
+    path = state_dir(name) / "state.json"
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:

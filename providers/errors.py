@@ -1,4 +1,9 @@
-"""One small error hierarchy: what cloudbench reports to the user as a message."""
+"""One small error hierarchy, shared by the harness and the providers (it is part of the provider interface).
+
+``CloudbenchError`` and its subclasses are what cloudbench reports to the user as one message. ``Interrupted``
+is not one of them: like Python's own KeyboardInterrupt (which it extends) it is not an ``Exception``, so no
+``except Exception`` in a retry loop, a watch or a best-effort clean-up can swallow a Ctrl-C.
+"""
 from __future__ import annotations
 
 
@@ -30,3 +35,14 @@ class PointFailed(CloudbenchError):
         super().__init__(message)
         self.log_path, self.retryable = log_path, retryable
 
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached the harness: raised from the signal handler wherever the main thread is.
+    A KeyboardInterrupt, hence a BaseException: ordinary handlers let it through; only ``finally`` and
+    ``except BaseException: ...; raise`` clean-ups see it."""
+
+    exit_code = 130
+
+    def __init__(self, signame="SIGINT"):
+        super().__init__(f"interrupted by {signame}")
+        self.signame = signame

@@ -1,7 +1,7 @@
 """Trainer benchmark: samples/s and model FLOP utilisation over ranks x per-rank batch sizes.
 
-    python -m gan.bench                       # full fixed-angle model, batch 8,16,32 x 1,2 ranks
-    python -m gan.bench --variant small --batches 8 --ranks 1,2 --steps 10 --json-out results.json
+    python -m harness.bench.trainer                       # full fixed-angle model, batch 8,16,32 x 1,2 ranks
+    python -m harness.bench.trainer --variant small --batches 8 --ranks 1,2 --steps 10 --json-out results.json
 
 Each point is one ``horovodrun -np R -H localhost:R --gloo python -m gan.train`` (ranks pinned to their
 own cores, intra-op threads = cores / ranks); figures come from the trainer's JSON summary, warm-up
@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from harness.bench import machine_line
 
 
 def nominal_peak_flops():
@@ -78,7 +79,7 @@ def run_point(horovodrun, variant, ranks, batch, steps, warmup, precision, timeo
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gan.bench", description=__doc__.split("\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m harness.bench.trainer", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--variant", default="fixed", choices=("fixed", "angle", "small"))
     ap.add_argument("--batches", default="8,16,32", help="per-rank batch sizes")
@@ -89,6 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per point")
     ap.add_argument("--json-out", default=None, help="also write all figures as JSON here")
     args = ap.parse_args(argv)
+    print(machine_line(), flush=True)
     try:
         batches = [int(b) for b in args.batches.split(",")]
         ranks = [int(r) for r in args.ranks.split(",")]
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
         ap.error("--batches and --ranks take comma-separated integers, e.g. 8,16,32")
     horovodrun = shutil.which("horovodrun", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     if not horovodrun:
-        print("gan.bench: horovodrun not found; run `bash harness/setup.sh` first", file=sys.stderr)
+        print("harness.bench.trainer: horovodrun not found; run `bash harness/setup.sh` first", file=sys.stderr)
         return 1
 
     nominal, peak_desc = nominal_peak_flops()

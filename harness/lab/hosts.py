@@ -14,9 +14,9 @@ YAML for the ssh provider (with its leases and scratch inside the lab's state di
 /run/cloudbench-lab/<name>/. A failed ``up`` undoes what it did; ``down`` removes everything (leases
 included) and is safe to repeat. The lab only uses addresses it created.
 
-``--emulate openstack`` also starts a loopback OpenStack API (``harness.emulators.openstack``, a daemon whose
+``--emulate openstack`` also starts a loopback OpenStack API (``harness.lab.emulators.openstack``, a daemon whose
 ACTIVE servers are the lab hosts) and writes ``<state>/clouds.yaml`` with its entry ``cloudbench-lab``.
-``--emulate aws`` starts moto behind a proxy whose EC2 instances are lab hosts (``harness.emulators.aws``; S3
+``--emulate aws`` starts moto behind a proxy whose EC2 instances are lab hosts (``harness.lab.emulators.aws``; S3
 too) and writes ``aws-config``/``aws-credentials`` with profile ``cloudbench-lab``; ``--emulate exoscale``
 starts the Exoscale API v2 emulator. Both listen on the bridge address, so lab hosts reach them too (S3
 downloads). ``--emulate kubernetes`` starts a Kubernetes API (kmock) whose nodes are the lab hosts, with a fake
@@ -37,22 +37,16 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-from harness.errors import CloudbenchError
+from harness.lab.common import CLOUD_NAME, STATE_ROOT, LabError, kubeconfig, ssh_command, state_dir, subnet_user
 
-STATE_ROOT = Path(os.environ.get("CLOUDBENCH_LAB_DIR", "/run/cloudbench-lab"))
 SSHD = "/usr/sbin/sshd"
 RATE = re.compile(r"^\d+(\.\d+)?(bit|kbit|mbit|gbit|tbit)$")
 # --emulate name -> module run as a daemon
-EMULATORS = {"openstack": "harness.emulators.openstack", "aws": "harness.emulators.aws",
-             "exoscale": "harness.emulators.exoscale", "kubernetes": "harness.emulators.kubernetes"}
-CLOUD_NAME = "cloudbench-lab"  # the clouds.yaml entry of the OpenStack emulator, the AWS profile of the lab
+EMULATORS = {"openstack": "harness.lab.emulators.openstack", "aws": "harness.lab.emulators.aws",
+             "exoscale": "harness.lab.emulators.exoscale", "kubernetes": "harness.lab.emulators.kubernetes"}
 # The lab's AWS instances: a CPU type of one core (DefaultCores 1), as a lab host has.
 AWS_LAB_SETTINGS = {"device": "cpu", "instance_types": "c5.large", "user": "root"}
 _DAEMONS = {}  # pid -> Popen of emulators this process started (reaped when down kills them)
-
-
-class LabError(CloudbenchError):
-    pass
 
 
 def _run(*cmd, check=True, ns=None):
@@ -70,10 +64,6 @@ def _names(name, n):
     return {"bridge": f"cbl-{name}", "subnet": f"10.213.{octet}",
             "hosts": [{"name": f"{name}-h{i}", "netns": f"cbl-{name}-{i}", "veth": f"cbl{name}{i}",
                        "address": f"10.213.{octet}.{10 + i}"} for i in range(n)]}
-
-
-def state_dir(name):
-    return STATE_ROOT / name
 
 
 def preflight():
@@ -106,7 +96,7 @@ def up(hosts=2, bandwidth=None, name="lab", slots=None, emulate=()):
     if (d / "state.json").exists():
         raise LabError(f"lab {name!r} is already up ({d}); `cloudbench lab down --name {name}` first")
     plan = _names(name, hosts)
-    taken = _subnet_user(plan["subnet"])
+    taken = subnet_user(plan["subnet"])
     if taken:  # another lab whose name hashes to the same subnet: both would break
         raise LabError(f"subnet {plan['subnet']}.0/24 of lab {name!r} is already used by {taken} "
                        "(another lab?); pick another --name")
@@ -144,16 +134,6 @@ def up(hosts=2, bandwidth=None, name="lab", slots=None, emulate=()):
         shutil.rmtree(d, ignore_errors=True)
         raise
     return status(name)
-
-
-def _subnet_user(prefix):
-    """The interface that already has an address in prefix.0/24, or None."""
-    out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        words = line.split()
-        if len(words) > 3 and words[3].startswith(prefix + "."):
-            return words[1]
-    return None
 
 
 def _host_up(d, plan, h, bandwidth):
@@ -208,13 +188,6 @@ def _host_up(d, plan, h, bandwidth):
     h["sshd_pid"] = int(pid)
 
 
-def ssh_command(state, host, *remote):
-    d = Path(state["dir"])
-    return ["ssh", "-i", str(d / "id_ed25519"), "-o", f"UserKnownHostsFile={d / 'known_hosts'}",
-            "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
-            f"root@{host['address']}", *remote]
-
-
 def _wait_ssh(state, timeout=20):
     for h in state["hosts"]:
         deadline = time.monotonic() + timeout
@@ -250,7 +223,7 @@ def _emulator_up(d, state, kind):
         cmd += ["--host", state["subnet"].rsplit(".", 1)[0] + ".1"]
     with open(log, "w") as out:
         p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                             start_new_session=True, cwd=str(Path(__file__).resolve().parents[1]))
+                             start_new_session=True, cwd=str(Path(__file__).resolve().parents[2]))
     _DAEMONS[p.pid] = p
     state.setdefault("emulators", {})[kind] = {"pid": p.pid, "log": str(log)}
     deadline = time.monotonic() + 30
@@ -281,7 +254,6 @@ def _emulator_up(d, state, kind):
     elif kind == "exoscale":
         rec.update(zone=info["zone"])
     elif kind == "kubernetes":
-        from harness.emulators.kubernetes import kubeconfig
         import yaml
 
         path = d / "kubeconfig"

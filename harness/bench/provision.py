@@ -1,6 +1,6 @@
 """How long a cloud provider takes to hand over a fleet and to take it back (no training).
 
-    python -m harness.bench_provision --provider openstack --cloud cloudbench-lab --slots 2 --repeat 3
+    python -m harness.bench.provision --provider openstack --cloud cloudbench-lab --slots 2 --repeat 3
 
 Each repetition provisions a fleet for ``--slots`` ranks (servers, key pair, security group, SSH up, host
 probe, link measurement), tears it down, and checks that the provider finds nothing of it afterwards.
@@ -18,6 +18,7 @@ import time
 import uuid
 
 from providers import base
+from harness.bench import machine_line
 
 
 def main(argv=None):
@@ -29,6 +30,7 @@ def main(argv=None):
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
+    print(machine_line(), flush=True)
     options = dict(o.split("=", 1) for o in a.option)
     if a.provider == "openstack":
         options["cloud"] = a.cloud

@@ -1,6 +1,6 @@
 """A loopback AWS endpoint: a thin HTTP proxy in front of an in-process moto server whose EC2 instances are lab hosts.
 
-    python -m harness.emulators.aws serve [--lab NAME] [--host 127.0.0.1] [--port 0] [--region us-east-1]
+    python -m harness.lab.emulators.aws serve [--lab NAME] [--host 127.0.0.1] [--port 0] [--region us-east-1]
 
 Every request (any service, any region; S3 path-style, virtual-host style and presigned URLs included) is
 forwarded to moto unchanged -- method, path, query, headers (Host and Authorization too), body -- and moto's
@@ -51,7 +51,7 @@ from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 from xml.sax.saxutils import escape
 
-from harness.emulators import labhost
+from harness.lab.emulators import labhost
 
 ACCOUNT = "123456789012"  # moto's default account (any access key maps to it)
 CREDENTIALS = {"aws_access_key_id": "cloudbench", "aws_secret_access_key": "cloudbench-lab"}
@@ -767,7 +767,7 @@ class AwsEmulator:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m harness.emulators.aws",
+    ap = argparse.ArgumentParser(prog="python -m harness.lab.emulators.aws",
                                  description="moto behind a proxy whose EC2 instances are lab hosts.")
     sub = ap.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve in the foreground; prints one JSON line once listening")

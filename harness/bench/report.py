@@ -1,6 +1,6 @@
 """Report benchmark: build a report from N tidy sample rows and print the time of each stage.
 
-    python -m harness.bench_report [--rows 1000000] [--runs 100]
+    python -m harness.bench.report [--rows 1000000] [--runs 100]
 
 The rows are written as one run directory's samples.parquet (runs x GPU counts x repetitions), then
 ``cloudbench report`` does what it always does: read, aggregate, write report.md/html/csv with plots.
@@ -19,6 +19,7 @@ import pandas as pd
 
 from harness import report
 from harness.results import COLUMNS, RunStore
+from harness.bench import machine_line
 
 
 def synthetic_run(directory, rows, runs, seed=0):
@@ -41,10 +42,11 @@ def synthetic_run(directory, rows, runs, seed=0):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m harness.bench_report", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m harness.bench.report", description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--runs", type=int, default=100)
     args = ap.parse_args(argv)
+    print(machine_line(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         d = synthetic_run(Path(tmp), args.rows, args.runs)
         t0 = time.perf_counter()

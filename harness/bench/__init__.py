@@ -1,0 +1,22 @@
+"""Benchmarks: scripts that print figures (``python -m harness.bench.<name> --help``). Each first prints the
+machine it ran on (``machine_line``), since a figure holds only for that machine.
+
+- ``trainer``: samples/s of the 3DGAN trainer by rank count, batch and precision, against the CPU's peak;
+- ``scaling``: measured vs predicted scaling efficiency on lab hosts behind links of different rates;
+- ``provision``: seconds to provision and tear down a fleet on a provider;
+- ``report``: seconds to aggregate and report a million sample rows;
+- ``signals``: the Ctrl-C / kill -9 campaign table (provider x phase -> exit code, seconds, leftovers).
+"""
+from __future__ import annotations
+
+
+def machine() -> dict:
+    from providers import fingerprint
+
+    return fingerprint.collect(with_frameworks=False)
+
+
+def machine_line(fp=None) -> str:
+    from providers import fingerprint
+
+    return "# machine: " + fingerprint.summary(fp or machine())

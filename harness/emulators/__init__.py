@@ -1,1 +1,0 @@
-"""Loopback emulators of cloud APIs backed by the lab (see harness.emulators.openstack)."""
