@@ -65,7 +65,8 @@ def cmd_run(args):
                            steps=args.steps, warmup=args.warmup, data=args.data, engine=args.engine,
                            precision=args.precision, epoch_events=args.epoch_events,
                            instance_type=args.instance_type, provider_options=options or None,
-                           upload=args.upload, s3_endpoint=args.s3_endpoint, retries=args.retries)
+                           upload=args.upload, s3_endpoint=args.s3_endpoint, retries=args.retries,
+                           calibrate=False if args.no_calibrate else None)
         provider = base.get(plan.provider, **options)
         if args.dry_run:
             return dry_run(plan, provider, args.json)
@@ -345,6 +346,8 @@ def parser():
     r.add_argument("--repetitions", help="launches per point (default 3)")
     r.add_argument("--retries", help="relaunches of a point whose failure the provider repaired, e.g. a reclaimed "
                                      "spot instance it replaced (default 0: the point is recorded as failed)")
+    r.add_argument("--no-calibrate", action="store_true", help="skip the scaling model's allreduce calibration "
+                                                                "(predictions fall back to the provider's raw link)")
     r.add_argument("--variant", help="fixed (default), angle, or small (tests only)")
     r.add_argument("--batch-size", help="per rank (default: recipe on GPUs, 8 on CPU workers)")
     r.add_argument("--steps", help="measured steps per launch (default 20)")

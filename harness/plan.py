@@ -40,6 +40,7 @@ class RunPlan:
     epoch_events: Optional[int] = None
     point_timeout_s: float = 3600.0
     retries: int = 0  # relaunches of a point whose failure the provider repaired (a replaced spot instance)
+    calibrate: bool = True  # time Horovod allreduces and the busy step on the fleet for the scaling model
     instance_type: Optional[str] = None
     provider_options: tuple = ()  # (key, value) pairs passed to the provider
 
@@ -139,6 +140,9 @@ def build(file_fields=None, **flags):
             raise PlanError("sweep", ",".join(map(str, v["sweep"])), f"GPU counts up to --gpus {v['gpus']}")
     v["repetitions"] = _int("repetitions", raw.get("repetitions", 3), 1)
     v["retries"] = _int("retries", raw.get("retries", 0), 0)
+    if not isinstance(raw.get("calibrate", True), bool):
+        raise PlanError("calibrate", raw["calibrate"], "true or false")
+    v["calibrate"] = raw.get("calibrate", True)
     v["variant"] = _choice("variant", raw.get("variant", "fixed"), VARIANTS)
     if raw.get("batch_size") is not None:
         v["batch_size"] = _int("batch-size", raw["batch_size"], 1)

@@ -122,6 +122,7 @@ def execute(plan: hplan.RunPlan, store: RunStore, provider, progress=True):
     fleet = None
     store.update_state(state="running", pid=os.getpid(), resumed=bool(store.done()) or None)
     try:
+        _stage(store, "check")
         provider.check()
         engines = provider.capabilities.engines
         if plan.engine not in engines:
@@ -131,20 +132,26 @@ def execute(plan: hplan.RunPlan, store: RunStore, provider, progress=True):
         spec = base.FleetSpec(run_id=store.run_id, provider=plan.provider, slots=max(plan.sweep),
                               variant=plan.variant, instance_type=plan.instance_type, engine=plan.engine,
                               options=plan.provider_options, workdir=str(store.dir))
+        _stage(store, "provision")
         fleet = provider.provision(spec, on_record=lambda f: store.write_json("fleet.json", f.to_dict()))
         store.write_json("fleet.json", fleet.to_dict())
+        _stage(store, "deploy")
         provider.deploy(fleet)
         data = stage_data(plan, store, provider, fleet)
         # CPU workers: each rank gets the same core share at every point (the 1-rank baseline included).
         cpus_per_rank = None
         if fleet.device == "cpu":
             cpus_per_rank = dict(fleet.extra).get("cpus_per_rank") or max(1, fleet.nodes[0].slots // max(plan.sweep))
-        calib = calibrate(plan, store, provider, fleet, cpus_per_rank, progress)
+        calib = {}
+        if plan.calibrate:
+            _stage(store, "calibrate")
+            calib = calibrate(plan, store, provider, fleet, cpus_per_rank, progress)
         done = store.done()
         for gpus in plan.sweep:
             for rep in range(1, plan.repetitions + 1):
                 if (gpus, rep) in done:
                     continue
+                _stage(store, f"point {gpus}x{rep}")
                 run_point(plan, store, provider, fleet, gpus, rep, cpus_per_rank, progress, calib.get(str(gpus)),
                           data)
         store.update_state(state="finished", finished_at=dt.datetime.now(dt.timezone.utc).isoformat())
@@ -160,10 +167,17 @@ def execute(plan: hplan.RunPlan, store: RunStore, provider, progress=True):
         for s in old:
             signal.signal(s, _during_teardown)
         try:
+            _stage(store, "teardown")
             provider.teardown(store.run_id, fleet)
+            _stage(store, "torn down")
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+
+
+def _stage(store, name):
+    """Where the run is, in run.json (``stage``): what `cloudbench down`, a status check or a test reads."""
+    store.update_state(stage=name)
 
 
 def _during_teardown(signum, frame):

@@ -20,7 +20,7 @@ from pathlib import Path
 from harness.lab import hosts as lab
 from harness.bench import machine_line
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cloudbench(*args):

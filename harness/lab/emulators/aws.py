@@ -183,8 +183,10 @@ class _ProxyHandler(labhost.Handler):
         else:
             n = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(n) if n > 0 else b""
+        held = labhost.hold_control(self.server, self.command, self.path, raw)
         try:
-            status, data, headers = self.server.emulator.handle(self.command, self.path, self.headers, raw)
+            status, data, headers = (*held, []) if held else \
+                self.server.emulator.handle(self.command, self.path, self.headers, raw)
         except _Drop:
             self.close_connection = True
             return

@@ -163,6 +163,7 @@ class Api(kmock.KubernetesEmulator):
         self.owner = None
         self.crd_installed = True
         self.rv = 1
+        self.holds = labhost.Holds()  # /_emulator/hold: answers held back so a signal lands in an API call
 
     def next_rv(self):
         self.rv += 1
@@ -175,10 +176,20 @@ class Api(kmock.KubernetesEmulator):
             return aiohttp.web.Response(text="ok")
         if path in ("/version", "/version/"):
             return aiohttp.web.json_response(VERSION)
+        if path.rstrip("/") == "/_emulator/hold":
+            status, body = self.holds.control(request.method, request.data if request.method == "POST" else None)
+            return aiohttp.web.json_response(body, status=status)
         if path.startswith("/_emulator/"):
             status, body = await asyncio.get_running_loop().run_in_executor(
                 None, self.owner.control, request.method, path[len("/_emulator/"):], request.data)
             return aiohttp.web.json_response(body, status=status)
+        target = str(request.url)
+        seconds = self.holds.seconds(request.method, target)
+        if seconds:  # a test's signal lands inside this API call
+            try:
+                await asyncio.sleep(seconds)
+            finally:
+                self.holds.done()
         if path.startswith("/apis/kubeflow.org") and not self.crd_installed:
             raise kmock.KubernetesResourceNotFoundError(
                 message="the server could not find the requested resource (MPIJob CRD not installed)")

@@ -118,6 +118,74 @@ def release(host, instance_id):
     kill_sessions(host)
 
 
+class Holds:
+    """Answers held back on purpose, so that a test's signal lands inside an API call for certain.
+    ``POST /_emulator/hold {"method": "POST", "path": REGEX, "seconds": S, "count": N}`` arms one (the next N
+    matching requests wait S seconds before they are handled); ``GET /_emulator/hold`` tells what is armed
+    and how many requests are being held now; ``POST /_emulator/hold {}`` disarms all."""
+
+    def __init__(self):
+        self.lock, self.armed, self.holding, self.held = threading.Lock(), [], 0, 0
+
+    def control(self, method, body):
+        with self.lock:
+            if method == "POST":
+                if not body:
+                    self.armed = []
+                else:
+                    try:
+                        rule = {"method": str(body.get("method") or "").upper(), "path": re.compile(body["path"]),
+                                "body": re.compile(body.get("body") or ""), "seconds": float(body["seconds"]),
+                                "count": int(body.get("count", 1))}
+                    except (KeyError, TypeError, ValueError, re.error) as e:
+                        return 400, {"error": f"hold takes method, path (a regex), seconds and count ({e})"}
+                    self.armed.append(rule)
+            return 200, {"armed": [{**r, "path": r["path"].pattern, "body": r["body"].pattern} for r in self.armed],
+                         "holding": self.holding,
+                         "held": self.held}
+
+    def seconds(self, method, target, raw=b""):
+        """Seconds to hold this request (0: none); counts it as holding until ``done()``. ``body`` rules match
+        the request body too (AWS's query API names its action there)."""
+        with self.lock:
+            for r in self.armed:
+                if (not r["method"] or r["method"] == method) and r["path"].search(target) and \
+                        r["body"].search(raw.decode("utf-8", "replace")):
+                    r["count"] -= 1
+                    if r["count"] <= 0:
+                        self.armed.remove(r)
+                    self.holding += 1
+                    self.held += 1
+                    return r["seconds"]
+        return 0
+
+    def done(self):
+        with self.lock:
+            self.holding -= 1
+
+    def hold(self, method, target, raw=b""):
+        s = self.seconds(method, target, raw)
+        if s:
+            try:
+                time.sleep(s)
+            finally:
+                self.done()
+
+
+def hold_control(server, method, target, raw):
+    """The /_emulator/hold control of a labhost HTTP server, or None for any other request (after holding it
+    back when a hold matches)."""
+    holds = server.__dict__.setdefault("holds", Holds())
+    if target.split("?")[0].rstrip("/") == "/_emulator/hold":
+        try:
+            body = json.loads(raw or b"{}") if method == "POST" else None
+        except ValueError:
+            return 400, {"error": "hold takes a JSON object"}
+        return holds.control(method, body)
+    holds.hold(method, target, raw)
+    return None
+
+
 class Handler(BaseHTTPRequestHandler):
     """HTTP/1.1 with keep-alive. ``server.emulator.handle(method, target, headers, raw)`` answers
     (status, body, headers): body None, a dict/list (JSON), bytes (sent as is: set Content-Type in headers)
@@ -130,7 +198,8 @@ class Handler(BaseHTTPRequestHandler):
         n = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(n) if n > 0 else b""
         emu = self.server.emulator
-        status, body, headers = emu.handle(self.command, self.path, self.headers, raw)
+        held = hold_control(self.server, self.command, self.path, raw)
+        status, body, headers = held + ({},) if held else emu.handle(self.command, self.path, self.headers, raw)
         headers = dict(headers or {})
         if body is None:
             data, ctype = b"", None

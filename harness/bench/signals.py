@@ -1,0 +1,443 @@
+"""The signal campaign: SIGINT (or kill -9, then `cloudbench gc`) delivered to `cloudbench run` at chosen moments
+on every provider the lab serves; prints provider x phase -> exit code, seconds to exit, leftovers.
+
+    python -m harness.bench.signals [--providers local,ssh,...] [--phases provision,...] [--kill9] [--json-out F]
+
+Needs root (the lab). It starts one lab with every emulator and a Slurm cluster, runs each cell, and takes
+them down. The moments are picked from what the run itself records, never by sleeping at random:
+
+- ``provision``: inside the provisioning API call (the emulator holds the create call's answer back and says
+  so); on providers without an API (local, ssh, slurm, terraform), when run.json's stage is ``provision``;
+- ``deploy``: run.json's stage is ``deploy``;
+- ``launch``: the first point's stage has begun and the trainer has not reported a step yet;
+- ``mid-point``: the trainer has reported a step (kubernetes: inside a held GET of the point's pods, the
+  moment of the issue's reproduction);
+- ``between-points``: the first point's sample has been stored;
+- ``teardown``: a first SIGINT mid-point, a second once the stage is ``teardown`` (reported, ignored).
+
+Leftovers are counted through each backend (the emulators' own state, boto3, the Kubernetes client, squeue,
+lease files, /proc), never through cloudbench; processes are any on this machine (the lab hosts share its
+process table) whose command line or environment names the run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from harness.bench import machine_line
+
+ROOT = Path(__file__).resolve().parents[2]
+PHASES = ("provision", "deploy", "launch", "mid-point", "between-points", "teardown")
+PROVIDERS = ("local", "ssh", "slurm", "terraform", "openstack", "aws", "exoscale", "kubernetes")
+RUN = ("--variant", "small", "--steps", "30", "--warmup", "3", "--gpus", "2", "--sweep", "2", "--repetitions", "2", "--no-progress",
+       "--no-calibrate")
+EXIT_BOUND_S = 30.0  # a first signal must end the run (torn down) within this
+HOLD_S = 60.0  # a held API answer: far longer than the moment needs
+
+
+def cloudbench_cmd():
+    exe = Path(sys.executable).with_name("cloudbench")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "harness.cli"]
+
+
+# --------------------------------------------------------------------------------------- the backends
+def _emu(url, path, body=None):
+    base = url[:-len("/v2")] if url.endswith("/v2") else url
+    req = urllib.request.Request(base + "/_emulator/" + path, method="POST" if body is not None else "GET",
+                                 data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read() or b"{}")
+
+
+class Backend:
+    """One provider on the lab: its command-line arguments, its leftovers, where an API call can be held."""
+
+    name = ""
+    hold = None  # (method, path regex, body regex) of the provisioning call to hold, or None (no API)
+    hold_mid = None  # the same for an API call made while a point runs
+
+    def __init__(self, lab, slurm=None):
+        self.lab, self.slurm = lab, slurm
+
+    @property
+    def url(self):
+        return self.lab["emulators"][self.name]["url"]
+
+    def args(self):
+        return ["--provider", self.name]
+
+    def gc_args(self):
+        return ["--provider", self.name]
+
+    def leftovers(self, run_id) -> list:
+        return []
+
+    def arm(self, rule):
+        method, path, body = rule
+        _emu(self.url, "hold", {"method": method, "path": path, "body": body, "seconds": HOLD_S, "count": 1})
+
+    def holding(self):
+        return _emu(self.url, "hold").get("holding", 0) > 0
+
+    def disarm(self):
+        if self.hold or self.hold_mid:
+            _emu(self.url, "hold", {})
+
+
+def _leases(lab, run_id):
+    d = Path(lab["inventory"]).parent / "leases"
+    return [f"lease {p.name}" for p in d.glob("*.lease") if run_id in p.read_text()] if d.is_dir() else []
+
+
+class Local(Backend):
+    name = "local"
+
+    def args(self):
+        return ["--provider", "local"]
+
+
+class Ssh(Backend):
+    name = "ssh"
+
+    def args(self):
+        return ["--provider", "ssh", "--inventory", self.lab["inventory"]]
+
+    gc_args = args
+
+    def leftovers(self, run_id):
+        return _leases(self.lab, run_id)
+
+
+class Terraform(Ssh):
+    name = "terraform"
+
+    def args(self):
+        return ["--provider", "terraform", "--option", "module=lab", "--inventory", self.lab["inventory"]]
+
+    def gc_args(self):
+        return ["--provider", "terraform", "--inventory", self.lab["inventory"]]
+
+
+class Slurm(Backend):
+    name = "slurm"
+
+    def args(self):
+        return ["--provider", "slurm", "--option", f"slurm_conf={self.slurm['conf']}",
+                "--option", f"partition={self.slurm['partition']}"]
+
+    gc_args = args
+
+    def leftovers(self, run_id):
+        p = subprocess.run(["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True,
+                           env={**os.environ, "SLURM_CONF": self.slurm["conf"]})
+        return [f"slurm job {line}" for line in p.stdout.splitlines() if run_id in line]
+
+
+class OpenStack(Backend):
+    name = "openstack"
+    hold = ("POST", r"/servers/?$", "")
+
+    def args(self):
+        return ["--provider", "openstack", "--cloud", "cloudbench-lab"]
+
+    gc_args = args
+
+    def leftovers(self, run_id):
+        st = _emu(self.url, "state")
+        return [f"{kind} {json.dumps(x)[:80]}" for kind, items in st.items() if isinstance(items, list)
+                for x in items if run_id in json.dumps(x)]
+
+
+class Exoscale(OpenStack):
+    name = "exoscale"
+    hold = ("POST", r"/v2/instance/?$", "")
+
+    def args(self):
+        return ["--provider", "exoscale"]
+
+    gc_args = args
+
+
+class Aws(Backend):
+    name = "aws"
+    hold = ("POST", r"^/", r"Action=RunInstances")
+
+    def leftovers(self, run_id):
+        import boto3
+
+        ec2 = boto3.client("ec2")
+        tag = [{"Name": "tag:cloudbench-run", "Values": [run_id]}]
+        out = [f"instance {i['InstanceId']} {i['State']['Name']}"
+               for r in ec2.describe_instances(Filters=tag)["Reservations"] for i in r["Instances"]
+               if i["State"]["Name"] != "terminated"]
+        out += [f"key pair {k['KeyName']}" for k in ec2.describe_key_pairs(Filters=tag)["KeyPairs"]]
+        out += [f"security group {g['GroupId']}" for g in ec2.describe_security_groups(Filters=tag)["SecurityGroups"]]
+        out += [f"placement group {g['GroupName']}"
+                for g in ec2.describe_placement_groups(Filters=tag)["PlacementGroups"]]
+        return out
+
+
+class Kubernetes(Backend):
+    name = "kubernetes"
+    hold = ("GET", r"labelSelector=cloudbench-run", "")  # provision first lists what a dead harness left
+    hold_mid = ("GET", r"/namespaces/[^/]+/pods(\?|$)", "")  # the issue's reproduction: SIGINT inside this
+
+    def leftovers(self, run_id):
+        from kubernetes import client, config
+
+        api = config.new_client_from_config(os.environ["KUBECONFIG"])
+        core, custom, sel = client.CoreV1Api(api), client.CustomObjectsApi(api), f"cloudbench-run={run_id}"
+        out = []
+        for kind, lister in (("pod", core.list_pod_for_all_namespaces),
+                             ("service", core.list_service_for_all_namespaces),
+                             ("configmap", core.list_config_map_for_all_namespaces),
+                             ("secret", core.list_secret_for_all_namespaces)):
+            out += [f"{kind} {o.metadata.name}" for o in lister(label_selector=sel).items]
+        for version in ("v2beta1", "v1"):
+            try:
+                jobs = custom.list_cluster_custom_object("kubeflow.org", version, "mpijobs", label_selector=sel)
+            except client.ApiException:
+                continue
+            out += [f"mpijob {j['metadata']['name']}" for j in jobs.get("items", [])]
+        return out
+
+
+BACKENDS = {b.name: b for b in (Local, Ssh, Slurm, Terraform, OpenStack, Aws, Exoscale, Kubernetes)}
+
+
+def processes(run_id) -> list:
+    """Processes on this machine whose command line or environment names the run (lab hosts included)."""
+    me, out = os.getpid(), []
+    key = run_id.encode()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == me:
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+            env = (d / "environ").read_bytes()
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            continue
+        if key in cmd or key in env:
+            text = cmd.replace(b"\0", b" ").decode(errors="replace")
+            out.append(f"pid {d.name}: {text[:100]}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- one cell
+def _stage(run_dir):
+    try:
+        return json.loads((run_dir / "run.json").read_text()).get("stage") or ""
+    except (OSError, ValueError):
+        return ""
+
+
+def _steps(run_dir):
+    n = 0
+    for f in list((run_dir / "logs").glob("gpus*.log")) + list((run_dir / "logs").glob("gpus*.jsonl")):
+        try:
+            n += f.read_text(errors="replace").count('"event": "step"')
+        except OSError:
+            pass
+    return n
+
+
+def _trainer_running(run_id):
+    return any("gan.train" in p for p in processes(run_id))
+
+
+def _samples(run_dir):
+    f = run_dir / "samples.parquet"
+    if not f.exists():
+        return 0
+    import pandas as pd
+
+    try:
+        return int((pd.read_parquet(f)["status"] == "ok").sum())
+    except Exception:  # noqa: BLE001 (being written: not yet)
+        return 0
+
+
+def _until(what, fn, proc, timeout):
+    deadline = time.monotonic() + timeout
+    while not fn():
+        if proc.poll() is not None:
+            raise RuntimeError(f"the run ended (exit {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def moment(backend, phase, run_dir, proc):
+    """Block until the run is at ``phase``."""
+    at_point = lambda: _stage(run_dir).startswith("point")  # noqa: E731
+    if phase == "provision":
+        if not backend.hold:
+            _until("stage provision", lambda: _stage(run_dir) == "provision", proc, 120)
+    elif phase == "deploy":
+        _until("stage deploy", lambda: _stage(run_dir) == "deploy", proc, 300)
+    elif phase == "launch":  # the launcher is starting the ranks; none runs the trainer yet
+        _until("the first point", at_point, proc, 600)
+    elif phase in ("mid-point", "teardown"):  # the ranks run the trainer (its steps, where they stream back)
+        _until("the first point's trainer", lambda: at_point() and (
+            _steps(run_dir) > 0 or _trainer_running(run_dir.name)), proc, 600)
+        if backend.hold_mid:
+            backend.arm(backend.hold_mid)
+            _until("an API call during the point to be held", backend.holding, proc, 120)
+    elif phase == "between-points":
+        _until("the first point's sample", lambda: _samples(run_dir) >= 1, proc, 900)
+
+
+def cell(backend, phase, results, how="sigint"):
+    """One run interrupted at ``phase``: a row of the campaign's table."""
+    row = {"provider": backend.name, "phase": phase, "how": how, "exit": None, "seconds": None,
+           "leftovers": [], "processes": [], "kept_points": 0, "ok": False, "note": ""}
+    before = {p.name for p in Path(results).glob("*")}
+    if phase == "provision" and backend.hold:
+        backend.arm(backend.hold)
+    proc = subprocess.Popen([*cloudbench_cmd(), "run", *backend.args(), *RUN, "--results", str(results)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)
+    run_dir = None
+    try:
+        if phase == "provision" and backend.hold:  # held inside provision(), the run directory exists by then
+            _until("the provisioning call to be held", backend.holding, proc, 120)
+        _until("the run directory", lambda: {p.name for p in Path(results).glob("*")} - before, proc, 60)
+        run_dir = Path(results) / sorted({p.name for p in Path(results).glob("*")} - before)[0]
+        moment(backend, phase, run_dir, proc)
+        t0 = time.monotonic()
+        if how == "kill9":
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        else:
+            proc.send_signal(signal.SIGINT)
+            if phase == "teardown":
+                _until("stage teardown", lambda: _stage(run_dir) == "teardown", proc, EXIT_BOUND_S)
+                proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=EXIT_BOUND_S * 4)
+        row["seconds"] = round(time.monotonic() - t0, 2)
+        row["exit"] = proc.returncode
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        row["note"] = str(e)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out, err = proc.communicate()
+        backend.disarm()
+    run_id = run_dir.name if run_dir else None
+    if run_id and how == "kill9":
+        g = subprocess.run([*cloudbench_cmd(), "gc", *backend.gc_args(), "--results", str(results)],
+                           capture_output=True, text=True, cwd=ROOT, timeout=600)
+        if g.returncode != 0:
+            row["note"] += f" gc exit {g.returncode}: {g.stderr.strip()[-300:]}"
+    if run_id:
+        deadline = time.monotonic() + 10  # processes signalled by the teardown may take a moment to go
+        while True:
+            row["leftovers"], row["processes"] = backend.leftovers(run_id), processes(run_id)
+            if not (row["leftovers"] or row["processes"]) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        row["kept_points"] = _samples(run_dir)
+        state = json.loads((run_dir / "run.json").read_text()).get("state") if (run_dir / "run.json").exists() else None
+        row["state"] = state
+    expected = None if how == "kill9" else 130
+    row["ok"] = (not row["note"] and row["exit"] == (expected if expected is not None else -signal.SIGKILL)
+                 and not row["leftovers"] and not row["processes"]
+                 and (how == "kill9" or row["seconds"] <= EXIT_BOUND_S * (2 if phase == "teardown" else 1))
+                 and (phase != "between-points" or row["kept_points"] >= 1)
+                 and (phase != "teardown" or "ignored while the fleet is torn down" in err))
+    if not row["ok"]:
+        row["stderr"] = err[-1500:]
+    return row
+
+
+# -------------------------------------------------------------------------------------- the campaign
+class Lab:
+    """One lab with every emulator and a Slurm cluster, its `lab env` in this process's environment."""
+
+    def __init__(self, name="sig", emulate=("openstack", "aws", "exoscale", "kubernetes"), slurm=True):
+        self.name, self.emulate, self.with_slurm = name, emulate, slurm
+
+    def __enter__(self):
+        from harness.lab import hosts
+        from harness.lab import slurm
+
+        hosts.down(self.name)
+        self.state = hosts.up(hosts=2, name=self.name, slots=1, emulate=self.emulate)
+        self.env = hosts.env(self.name)
+        self._old = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        self.slurm = None
+        if self.with_slurm:
+            slurm.down(self.name[:3])
+            self.slurm = slurm.up(nodes=2, name=self.name[:3], cpus=1)
+        return self
+
+    def __exit__(self, *exc):
+        from harness.lab import hosts
+        from harness.lab import slurm
+
+        if self.with_slurm:
+            slurm.down(self.name[:3])
+        for k, v in self._old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        hosts.down(self.name)
+
+    def backend(self, name):
+        return BACKENDS[name](self.state, self.slurm)
+
+
+def table(rows) -> str:
+    lines = [f"{'provider':<11}{'phase':<15}{'how':<7}{'exit':>5}{'seconds':>9}{'kept':>6}  leftovers / processes"]
+    for r in rows:
+        left = "; ".join(r["leftovers"] + r["processes"]) or "none"
+        lines.append(f"{r['provider']:<11}{r['phase']:<15}{r['how']:<7}{str(r['exit']):>5}"
+                     f"{'-' if r['seconds'] is None else format(r['seconds'], '.1f'):>9}{r['kept_points']:>6}  "
+                     f"{left[:70]}{'' if r['ok'] else '  FAILED ' + r['note'][:200]}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m harness.bench.signals", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--providers", default=",".join(PROVIDERS))
+    ap.add_argument("--phases", default=",".join(PHASES))
+    ap.add_argument("--kill9", default="provision,mid-point",
+                    help="phases at which kill -9 (then cloudbench gc) is also tried (default provision,mid-point)")
+    ap.add_argument("--json-out")
+    args = ap.parse_args(argv)
+    machine = machine_line()
+    print(machine, flush=True)
+    rows = []
+    with Lab() as lab, tempfile.TemporaryDirectory(prefix="cb-signals-") as results:
+        for name in args.providers.split(","):
+            b = lab.backend(name)
+            for phase in args.phases.split(","):
+                rows.append(cell(b, phase, results))
+                print(table(rows[-1:]).splitlines()[1], flush=True)
+            for phase in filter(None, args.kill9.split(",")):
+                rows.append(cell(b, phase, results, how="kill9"))
+                print(table(rows[-1:]).splitlines()[1], flush=True)
+    text = machine + "\n" + table(rows)
+    print("\n" + text)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=1) + "\n")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
