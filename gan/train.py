@@ -350,6 +350,11 @@ def run(args, hold=None) -> dict:
     node = os.environ.get("CLOUDBENCH_NODE_NAME") or socket.gethostname()
     hosts = engine.allgather_object({"rank": engine.rank, "host": node, "cpus": cpus,
                                      "device": device})
+    # The machine behind the figures: each node's fingerprint, taken on the node by its first local rank.
+    from gan import sysinfo
+
+    prints = engine.allgather_object((node, sysinfo.collect()) if engine.local_rank == 0 else None)
+    fingerprints = dict(p for p in prints if p)
     emit({"event": "start", "variant": args.variant, "ranks": engine.size, "batch_size_per_rank": args.batch_size,
           "steps": args.steps, "warmup": args.warmup, "data": args.data, "precision": args.precision,
           "xla": args.xla, "engine": engine.name, "ranks_placement": hosts})
@@ -415,6 +420,7 @@ def run(args, hold=None) -> dict:
         "device": device,
         "hosts": sorted({h["host"] for h in hosts}),
         "ranks_placement": hosts,
+        "fingerprints": fingerprints,
         "weights_digest": digests,
         "weights_identical": len(set(digests)) == 1,
         "final_losses": last,

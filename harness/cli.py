@@ -191,6 +191,18 @@ def cmd_regress(args):
         from providers.errors import PlanError
 
         raise PlanError("tolerance", args.tolerance, "a fraction in [0, 1), e.g. 0.05")
+    diffs = regress.comparability(args.baseline, args.current)
+    if diffs and not args.compare_anyway:
+        if args.json:
+            print(json.dumps({"exit_code": regress.NOT_COMPARABLE, "comparable": False, "differences": [
+                {"field": f, "baseline": a, "current": b, "why": w} for f, a, b, w in diffs], "checks": []},
+                default=str))
+        print("cloudbench: not comparable: the baseline and the current run ran on different machines: "
+              + regress.describe(diffs) + " (keep one baseline per machine class, or pass --compare-anyway)",
+              file=sys.stderr)
+        return regress.NOT_COMPARABLE
+    if diffs:
+        print("cloudbench: comparing anyway across different machines: " + regress.describe(diffs), file=sys.stderr)
     checks = regress.compare(args.baseline, args.current, args.tolerance, args.alpha)
     code = regress.exit_code(checks)
     if args.junit:
@@ -388,6 +400,8 @@ def parser():
     rg.add_argument("--tolerance", type=float, default=0.05, help="allowed relative drop (default 0.05)")
     rg.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
     rg.add_argument("--junit", help="write JUnit XML here")
+    rg.add_argument("--compare-anyway", action="store_true",
+                    help="compare even when the two sides ran on different hardware or software (exit 3 otherwise)")
     rg.add_argument("--json", action="store_true")
     rg.set_defaults(fn=cmd_regress)
 

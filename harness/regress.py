@@ -4,7 +4,12 @@ A point matches on (provider, instance type, device, GPUs, variant, per-rank bat
 for N > 1, scaling efficiency (per repetition: thr_rep(N) / (N median thr(1)) of the same run), the point
 regresses when the current median is below the baseline's by more than the tolerance AND a one-sided
 Welch t-test over the repetitions says the drop is significant (p < alpha). Exit codes: 0 no regression,
-1 regression, 2 nothing matched.
+1 regression, 2 nothing matched, 3 not comparable.
+
+Like is compared with like only: when the two runs' machines differ (the hardware or software part of the
+nodes' fingerprints: CPU model and stepping, ISA features, cores, GPUs, TensorFlow, Horovod, driver...) or
+either run has no fingerprint, nothing is compared and every difference is named, unless the caller asks to
+compare anyway.
 """
 from __future__ import annotations
 
@@ -49,6 +54,27 @@ def one_sided_p(base, cur):
     if np.var(base) == 0 and np.var(cur) == 0:
         return 0.0 if cur.mean() < base.mean() else 1.0
     return float(stats.ttest_ind(cur, base, equal_var=False, alternative="less").pvalue)
+
+
+NOT_COMPARABLE = 3
+
+
+def comparability(baseline_dirs, current_dirs) -> list:
+    """[(field, baseline value, current value, why)]: what differs between the machines of the two sides."""
+    from harness import machines
+    from harness.results import RunStore
+
+    def nodes(dirs):
+        out = {}
+        for d in dirs:
+            out.update(machines.nodes(RunStore.open(d)))
+        return out
+
+    return machines.differences(nodes(baseline_dirs), nodes(current_dirs))
+
+
+def describe(diffs) -> str:
+    return "; ".join(why or f"{field}: baseline {a!r}, current {b!r}" for field, a, b, why in diffs)
 
 
 def compare(baseline_dirs, current_dirs, tolerance=0.05, alpha=0.05):

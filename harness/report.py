@@ -70,6 +70,8 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         "allreduce_bandwidth_Bps": g["allreduce_bandwidth_Bps"].median(),
         "allreduce_latency_s": g["allreduce_latency_s"].median(),
         "compute_step_s": g["compute_step_s"].median(),
+        "cpu_model": g["cpu_model"].first(),
+        "hardware_id": g["hardware_id"].agg(lambda v: ",".join(sorted({str(x) for x in v.dropna()})) or None),
     })
     agg = agg.join(failed, how="outer").reset_index()
     agg["failed"] = agg["failed"].fillna(0).astype(int)
@@ -138,6 +140,8 @@ def text_table(agg):
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     out = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
     out += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    if agg.attrs.get("machines"):
+        out += ["", "machines:", *agg.attrs["machines"]]
     return "\n".join(out)
 
 
@@ -184,7 +188,31 @@ def html_report(agg, pngs, title="cloudbench report"):
             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:48%;margin:1em 1% 0 0}"
             f"</style></head><body><h1>{html.escape(title)}</h1><table><tr>{head}</tr>{body}</table>{imgs}"
             "<p>Efficiency E(N) = thr(N) / (N thr(1)); spread = (max - min) / median over repetitions; cost from "
-            "the price recorded at launch.</p></body></html>\n")
+            "the price recorded at launch.</p><h2>Machines</h2><pre>"
+            + html.escape("\n".join(agg.attrs.get("machines") or [])) + "</pre></body></html>\n")
+
+
+def machines_section(run_dirs) -> list:
+    """Lines naming the machines of each run (from the nodes' fingerprints), heterogeneous fleets, and what
+    differs between runs that ran on different hardware or software (shown; ``regress`` refuses them)."""
+    from harness import machines
+
+    lines, first = [], None
+    for d in run_dirs:
+        store = RunStore.open(d)
+        nodes = machines.nodes(store)
+        lines.append(f"- {store.run_id}: " + ("; ".join(machines.summary_lines(store)) if nodes
+                                              else "no fingerprint recorded (a run from before fingerprints)"))
+        if machines.heterogeneous(nodes):
+            lines.append("  - HETEROGENEOUS FLEET: its nodes differ in hardware; its figures mix machines")
+        if first is None:
+            first = (store.run_id, nodes)
+        elif nodes or first[1]:
+            diffs = machines.differences(first[1], nodes)
+            if diffs:
+                lines.append(f"  - NOT COMPARABLE with {first[0]}: " + "; ".join(
+                    why or f"{field} {a!r} vs {b!r}" for field, a, b, why in diffs))
+    return lines
 
 
 def write(run_dirs, out_dir=None, with_plots=True):
@@ -192,10 +220,11 @@ def write(run_dirs, out_dir=None, with_plots=True):
     from harness.results import write_atomic
 
     agg = aggregate(load(run_dirs))
+    agg.attrs["machines"] = machines_section(run_dirs)
     out = Path(out_dir or run_dirs[0])
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "report.md", "html": out / "report.html", "csv": out / "report.csv"}
-    write_atomic(paths["md"], markdown(agg).encode())
+    write_atomic(paths["md"], (markdown(agg) + "\n## Machines\n\n" + "\n".join(agg.attrs["machines"]) + "\n").encode())
     write_atomic(paths["html"], html_report(agg, plots(agg) if with_plots else []).encode())
     write_atomic(paths["csv"], agg.to_csv(index=False).encode())
     return agg, {k: str(v) for k, v in paths.items()}

@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 
+from harness import machines
 from harness import plan as hplan
 from providers.errors import CloudbenchError, Interrupted, PointFailed
 from harness.results import RunStore, new_run_id
@@ -237,7 +238,7 @@ def run_point(plan, store, provider, fleet, gpus, rep, cpus_per_rank, progress, 
         for attempt in range(1, plan.retries + 2):
             row["attempts"] = attempt
             try:
-                measure(provider, fleet, job, row, bar, gpus)
+                measure(provider, fleet, job, row, bar, gpus, store)
                 break
             except PointFailed as e:
                 if not (e.retryable and attempt <= plan.retries):
@@ -258,7 +259,7 @@ def run_point(plan, store, provider, fleet, gpus, rep, cpus_per_rank, progress, 
     return row
 
 
-def measure(provider, fleet, job, row, bar, gpus):
+def measure(provider, fleet, job, row, bar, gpus, store=None):
     """One launch of the point; fills the row from the trainer's summary or raises PointFailed."""
     res = provider.launch(fleet, job, on_progress=bar.update_to if bar else None)
     row["seconds"] = res.seconds
@@ -269,6 +270,15 @@ def measure(provider, fleet, job, row, bar, gpus):
                step_time_mean_s=s["step_time_mean_s"], step_time_std_s=s["step_time_std_s"],
                hosts=",".join(s.get("hosts", [])), flops_per_sample=s.get("flops_per_sample"),
                tf_version=s.get("tf_version"), horovod_version=s.get("horovod_version"))
+    fps = s.get("fingerprints") or {}
+    row.update(machines.ids(fps))
+    if fps and store is not None:
+        changed = machines.record(store, fps)
+        if changed:
+            log.warning("node(s) %s changed hardware or software since an earlier point of this run",
+                        ", ".join(changed))
+    if row.get("heterogeneous"):
+        log.warning("the nodes of this point differ (%s): its figures mix machines", row["cpu_model"])
     sizes = s.get("allreduce_bytes_per_step") or []
     if len(sizes) == 4:
         row.update(grad_bytes_d=sizes[0], grad_bytes_g=sizes[2])

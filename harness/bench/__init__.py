@@ -11,12 +11,12 @@ from __future__ import annotations
 
 
 def machine() -> dict:
-    from providers import fingerprint
+    from gan import sysinfo as fingerprint
 
     return fingerprint.collect(with_frameworks=False)
 
 
 def machine_line(fp=None) -> str:
-    from providers import fingerprint
+    from gan import sysinfo as fingerprint
 
     return "# machine: " + fingerprint.summary(fp or machine())

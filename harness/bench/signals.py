@@ -65,6 +65,7 @@ class Backend:
     name = ""
     hold = None  # (method, path regex, body regex) of the provisioning call to hold, or None (no API)
     hold_mid = None  # the same for an API call made while a point runs
+    hold_down = None  # the same for a teardown call (so that a second signal lands inside teardown)
 
     def __init__(self, lab, slurm=None):
         self.lab, self.slurm = lab, slurm
@@ -82,15 +83,15 @@ class Backend:
     def leftovers(self, run_id) -> list:
         return []
 
-    def arm(self, rule):
+    def arm(self, rule, seconds=HOLD_S):
         method, path, body = rule
-        _emu(self.url, "hold", {"method": method, "path": path, "body": body, "seconds": HOLD_S, "count": 1})
+        _emu(self.url, "hold", {"method": method, "path": path, "body": body, "seconds": seconds, "count": 1})
 
     def holding(self):
         return _emu(self.url, "hold").get("holding", 0) > 0
 
     def disarm(self):
-        if self.hold or self.hold_mid:
+        if self.hold or self.hold_mid or self.hold_down:
             _emu(self.url, "hold", {})
 
 
@@ -146,6 +147,7 @@ class Slurm(Backend):
 class OpenStack(Backend):
     name = "openstack"
     hold = ("POST", r"/servers/?$", "")
+    hold_down = ("DELETE", r"/servers/[^/]+$", "")
 
     def args(self):
         return ["--provider", "openstack", "--cloud", "cloudbench-lab"]
@@ -161,6 +163,7 @@ class OpenStack(Backend):
 class Exoscale(OpenStack):
     name = "exoscale"
     hold = ("POST", r"/v2/instance/?$", "")
+    hold_down = ("DELETE", r"/v2/instance/[^/]+$", "")
 
     def args(self):
         return ["--provider", "exoscale"]
@@ -171,6 +174,7 @@ class Exoscale(OpenStack):
 class Aws(Backend):
     name = "aws"
     hold = ("POST", r"^/", r"Action=RunInstances")
+    hold_down = ("POST", r"^/", r"Action=TerminateInstances")
 
     def leftovers(self, run_id):
         import boto3
@@ -191,6 +195,7 @@ class Kubernetes(Backend):
     name = "kubernetes"
     hold = ("GET", r"labelSelector=cloudbench-run", "")  # provision first lists what a dead harness left
     hold_mid = ("GET", r"/namespaces/[^/]+/pods(\?|$)", "")  # the issue's reproduction: SIGINT inside this
+    hold_down = ("GET", r"labelSelector=cloudbench-run", "")  # teardown lists the run's objects first
 
     def leftovers(self, run_id):
         from kubernetes import client, config
@@ -277,7 +282,7 @@ def _until(what, fn, proc, timeout):
             raise RuntimeError(f"the run ended (exit {proc.returncode}) before {what}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(0.005)  # stages can be short: poll tightly
 
 
 def moment(backend, phase, run_dir, proc):
@@ -302,7 +307,7 @@ def moment(backend, phase, run_dir, proc):
 
 def cell(backend, phase, results, how="sigint"):
     """One run interrupted at ``phase``: a row of the campaign's table."""
-    row = {"provider": backend.name, "phase": phase, "how": how, "exit": None, "seconds": None,
+    row = {"provider": backend.name, "phase": phase, "how": how, "landed": None, "exit": None, "seconds": None,
            "leftovers": [], "processes": [], "kept_points": 0, "ok": False, "note": ""}
     before = {p.name for p in Path(results).glob("*")}
     if phase == "provision" and backend.hold:
@@ -317,15 +322,22 @@ def cell(backend, phase, results, how="sigint"):
         _until("the run directory", lambda: {p.name for p in Path(results).glob("*")} - before, proc, 60)
         run_dir = Path(results) / sorted({p.name for p in Path(results).glob("*")} - before)[0]
         moment(backend, phase, run_dir, proc)
+        if phase == "teardown" and backend.hold_down:
+            backend.arm(backend.hold_down, seconds=5)
         t0 = time.monotonic()
         if how == "kill9":
             os.kill(proc.pid, signal.SIGKILL)
+            row["landed"] = _stage(run_dir)
             proc.wait()
         else:
             proc.send_signal(signal.SIGINT)
+            row["landed"] = _stage(run_dir)
             if phase == "teardown":
-                _until("stage teardown", lambda: _stage(run_dir) == "teardown", proc, EXIT_BOUND_S)
+                wait = backend.holding if backend.hold_down else lambda: _stage(run_dir) == "teardown"
+                _until("a teardown call to be held" if backend.hold_down else "stage teardown", wait, proc,
+                       EXIT_BOUND_S)
                 proc.send_signal(signal.SIGINT)
+                row["landed"] += " + teardown"
             proc.wait(timeout=EXIT_BOUND_S * 4)
         row["seconds"] = round(time.monotonic() - t0, 2)
         row["exit"] = proc.returncode

@@ -1,6 +1,6 @@
 """A system fingerprint of the node it runs on: what hardware and software made a figure.
 
-Run on every node at deploy (``python -m providers.fingerprint`` prints one JSON object), so each run records
+Run on every node at deploy (``python -m gan.sysinfo`` prints one JSON object; the trainer gathers it from every rank into its summary), so each run records
 the machine behind its numbers. CPU facts come from py-cpuinfo (model, family/model/stepping, flags), cores,
 frequency and memory from psutil, GPUs from NVML (nvidia-ml-py) with ``nvidia-smi topo -m`` for the topology,
 the rest from /sys and the installed packages. Anything that cannot be read is None, never guessed.
