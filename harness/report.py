@@ -38,6 +38,56 @@ def load(run_dirs) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+FLAG_TOLERANCE = 0.10  # a point is flagged when its interval lies more than this below the prediction's
+
+
+def _intervals(agg, ok):
+    """95 % intervals (harness.stats: t-intervals on log throughput) of throughput, speed-up and efficiency."""
+    from harness import stats
+
+    samples = ok.groupby(KEYS)["samples_per_s"].agg(list).to_dict()
+    cols = {c: [] for c in ("samples_per_s_lo", "samples_per_s_hi", "speedup_lo", "speedup_hi",
+                            "efficiency_lo", "efficiency_hi", "ci_rel_half_width")}
+    for _, r in agg.iterrows():
+        key = tuple(r[k] for k in KEYS)
+        mine, one = samples.get(key, []), samples.get(key[:-1] + (1,), [])
+        _, lo, hi = stats.mean_ci(mine)
+        _, slo, shi = stats.ratio_ci(mine, one) if r["gpus"] != 1 else (1.0, 1.0, 1.0)
+        cols["samples_per_s_lo"].append(lo)
+        cols["samples_per_s_hi"].append(hi)
+        cols["speedup_lo"].append(slo)
+        cols["speedup_hi"].append(shi)
+        cols["efficiency_lo"].append(slo / r["gpus"])
+        cols["efficiency_hi"].append(shi / r["gpus"])
+        cols["ci_rel_half_width"].append(stats.relative_half_width(mine))
+    for c, v in cols.items():
+        agg[c] = np.asarray(v, dtype=float)
+
+
+def _prediction_interval(agg):
+    """The model's prediction with its own error carried through: the 1-GPU step time's interval (from the
+    1-GPU throughput interval) and the calibrated busy step's standard error (x 1.96), never above ideal."""
+    t1 = agg[agg["gpus"] == 1].set_index(KEYS[:-1])
+    lo, hi = [], []
+    for _, r in agg.iterrows():
+        p = r["predicted_efficiency"]
+        key = tuple(r[k] for k in KEYS[:-1])
+        if np.isnan(p) or key not in t1.index:
+            lo.append(np.nan)
+            hi.append(np.nan)
+            continue
+        one = t1.loc[key]
+        rel = [one["samples_per_s"] / one["samples_per_s_hi"], one["samples_per_s"] / one["samples_per_s_lo"]] \
+            if np.isfinite(one["samples_per_s_lo"]) else [1.0, 1.0]
+        se = r.get("compute_step_se_s", np.nan)
+        comp = r["compute_step_s"] if np.isfinite(r["compute_step_s"]) else one["step_time_s"]
+        crel = 1.96 * se / comp if np.isfinite(se) and comp else 0.0
+        # E = t1 / (compute + comm): lower with a short t1 and a long compute, higher the other way round.
+        lo.append(min(1.0, p * rel[0] / (1 + crel)))
+        hi.append(min(1.0, p * rel[1] / max(1e-9, 1 - crel)))
+    agg["predicted_lo"], agg["predicted_hi"] = lo, hi
+
+
 def _link(r):
     """(bandwidth, latency) for the model: Horovod's measured allreduce figures when the run calibrated
     them at this point, else the provider's raw link."""
@@ -70,6 +120,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         "allreduce_bandwidth_Bps": g["allreduce_bandwidth_Bps"].median(),
         "allreduce_latency_s": g["allreduce_latency_s"].median(),
         "compute_step_s": g["compute_step_s"].median(),
+        "compute_step_se_s": g["compute_step_se_s"].median(),
         "cpu_model": g["cpu_model"].first(),
         "hardware_id": g["hardware_id"].agg(lambda v: ",".join(sorted({str(x) for x in v.dropna()})) or None),
     })
@@ -81,14 +132,18 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     base = agg.set_index(KEYS[:-1]).index.map(one.to_dict())
     agg["speedup"] = agg["samples_per_s"].to_numpy() / np.asarray(base, dtype=float)
     agg["efficiency"] = agg["speedup"] / agg["gpus"]
+    _intervals(agg, ok)
     t1 = agg[agg["gpus"] == 1].set_index(KEYS[:-1])["step_time_s"].to_dict()
     agg["predicted_efficiency"] = [
         scaling.predicted_efficiency(t1.get(tuple(r[k] for k in KEYS[:-1]), np.nan), int(r["gpus"]),
                                      [r["grad_bytes_d"]] * 2 + [r["grad_bytes_g"]] * 2, *_link(r),
                                      compute_s=r["compute_step_s"])
         for _, r in agg.iterrows()]
-    # Flag points more than 10 % below what the link allows (NaN prediction: no flag).
-    agg["below_prediction"] = agg["efficiency"] < 0.9 * agg["predicted_efficiency"]
+    agg["predicted_efficiency"] = agg["predicted_efficiency"].clip(upper=1.0)  # never above ideal
+    _prediction_interval(agg)
+    # Flag a point only when its whole interval lies below the predicted interval by more than the
+    # tolerance (no interval, or no prediction: no flag).
+    agg["below_prediction"] = agg["efficiency_hi"] < (1 - FLAG_TOLERANCE) * agg["predicted_lo"]
     agg["epoch_time_s"] = agg["epoch_events"] / agg["samples_per_s"]
     agg["cost_per_epoch"] = agg["price_per_hour"] * agg["epoch_time_s"] / 3600.0
     return agg.sort_values(KEYS).reset_index(drop=True)
@@ -96,12 +151,15 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
 
 TABLE = [("provider", "provider", "{}"), ("instance_type", "instance", "{}"), ("device", "device", "{}"),
          ("gpus", "GPUs", "{:d}"), ("repetitions", "reps", "{:d}"), ("samples_per_s", "samples/s (median)", "{:.2f}"),
-         ("spread_pct", "spread %", "{:.1f}"), ("speedup", "speed-up", "{:.2f}"), ("efficiency", "efficiency", "{:.2f}"),
+         ("ci_rel_half_width", "95% CI +-%", "{:.1f}"), ("speedup", "speed-up", "{:.2f}"),
+         ("efficiency", "efficiency", "{:.2f}"), ("efficiency_ci", "efficiency 95% CI", "{}"),
          ("predicted_efficiency", "predicted", "{:.2f}"), ("below_prediction", "flag", "{}"),
          ("epoch_time_s", "epoch h", "{:.2f}"), ("cost_per_epoch", "cost/epoch", "{:.2f}"), ("failed", "failed", "{:d}")]
 
 
 def _cell(value, fmt, col):
+    if col == "ci_rel_half_width" and value is not None and np.isfinite(value):
+        value = 100 * value
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "unknown" if col == "cost_per_epoch" else "n/a"
     if col == "epoch_time_s":
@@ -115,6 +173,9 @@ def _cell(value, fmt, col):
 
 
 def table_rows(agg):
+    agg = agg.copy()
+    agg["efficiency_ci"] = [f"{lo:.2f}-{hi:.2f}" if np.isfinite(lo) and r["gpus"] > 1 else None
+                            for lo, hi, (_, r) in zip(agg["efficiency_lo"], agg["efficiency_hi"], agg.iterrows())]
     return [[_cell(r[c], f, c) for c, _, f in TABLE] for _, r in agg.iterrows()]
 
 
@@ -128,7 +189,7 @@ def markdown(agg, title="cloudbench report"):
               "efficiency E(N) = thr(N) / (N thr(1)); predicted = t(1) / (compute + ring allreduce time of the "
               "step's gradients), with compute the step without communication while all ranks compute at once and "
               "the allreduce latency and bandwidth, both measured on the fleet by gan.commbench (t(1) and the raw "
-              "link when not calibrated); BELOW MODEL = more than 10 % below the prediction; "
+              "link when not calibrated); BELOW MODEL = the measured 95 % interval lies more than 10 % below the prediction's interval; "
               "spread = (max - min) / median over repetitions; "
               "cost from the price recorded at launch (unknown when the provider has no price)."]
     return "\n".join(lines) + "\n"

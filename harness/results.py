@@ -30,10 +30,10 @@ COLUMNS = ["run_id", "provider", "instance_type", "gpu_model", "device", "nodes"
            "flops_per_sample", "tf_version", "horovod_version", "started_at", "seconds", "error", "log_path",
            "metrics_path", "grad_bytes_d", "grad_bytes_g", "link_bandwidth_Bps", "link_latency_s",
            "allreduce_bandwidth_Bps", "allreduce_latency_s", "compute_step_s", "attempts", "cpu_model", "hardware_id",
-           "software_id", "heterogeneous"]
+           "software_id", "heterogeneous", "steady_from", "settled", "compute_step_se_s"]
 NUMERIC = ["samples_per_s", "samples_per_s_per_rank", "step_time_mean_s", "step_time_std_s", "price_per_hour",
            "flops_per_sample", "seconds", "grad_bytes_d", "grad_bytes_g", "link_bandwidth_Bps", "link_latency_s",
-           "allreduce_bandwidth_Bps", "allreduce_latency_s", "compute_step_s", "attempts"]
+           "allreduce_bandwidth_Bps", "allreduce_latency_s", "compute_step_s", "attempts", "compute_step_se_s"]
 
 
 def new_run_id(provider):

@@ -25,6 +25,10 @@ log = logging.getLogger("cloudbench")
 
 
 def _raise_interrupt(signum, frame):
+    # From here on the run only tears down: a second signal, wherever it lands (even before the ``finally``
+    # that runs the teardown has begun), is reported and never raises, so it cannot cut the teardown short.
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, _during_teardown)
     raise Interrupted(signal.Signals(signum).name)
 
 
@@ -231,7 +235,8 @@ def run_point(plan, store, provider, fleet, gpus, rep, cpus_per_rank, progress, 
            "link_latency_s": dict(fleet.extra).get("link_latency_s"),
            "allreduce_bandwidth_Bps": (calib or {}).get("bandwidth_Bps"),
            "allreduce_latency_s": (calib or {}).get("latency_s"),
-           "compute_step_s": (calib or {}).get("compute_step_s")}
+           "compute_step_s": (calib or {}).get("compute_step_s"),
+           "compute_step_se_s": (calib or {}).get("compute_step_se_s")}
     bar = _bar(progress, f"{gpus} {'GPU' if fleet.device == 'gpu' else 'rank'}{'s' if gpus > 1 else ''} "
                          f"rep {rep}/{plan.repetitions}", plan.warmup + plan.steps)
     try:
@@ -270,6 +275,7 @@ def measure(provider, fleet, job, row, bar, gpus, store=None):
                step_time_mean_s=s["step_time_mean_s"], step_time_std_s=s["step_time_std_s"],
                hosts=",".join(s.get("hosts", [])), flops_per_sample=s.get("flops_per_sample"),
                tf_version=s.get("tf_version"), horovod_version=s.get("horovod_version"))
+    steady(job.metrics_path, row, gpus)
     fps = s.get("fingerprints") or {}
     row.update(machines.ids(fps))
     if fps and store is not None:
@@ -284,6 +290,37 @@ def measure(provider, fleet, job, row, bar, gpus, store=None):
         row.update(grad_bytes_d=sizes[0], grad_bytes_g=sizes[2])
     if s.get("ranks") != gpus:
         raise PointFailed(f"the trainer ran {s.get('ranks')} ranks, expected {gpus}", job.log_path)
+
+
+def step_times(metrics_path):
+    """Rank 0's measured (not warm-up) step times, in order, from the trainer's JSON lines."""
+    times = []
+    with open(metrics_path) as f:
+        for line in f:
+            if '"event": "step"' in line:
+                rec = json.loads(line)
+                if not rec.get("warmup"):
+                    times.append(float(rec["time_s"]))
+    return times
+
+
+def steady(metrics_path, row, ranks):
+    """Time only the settled steps: leading steps still slower than the point's steady state (compilation,
+    caches, clocks that the warm-up did not cover) are dropped and counted in ``steady_from``; a point that
+    never settles keeps all steps and has ``settled`` False."""
+    from harness import stats
+
+    times = step_times(metrics_path)
+    start, settled = stats.steady_state(times)
+    row.update(steady_from=start, settled=settled)
+    if start and settled:
+        kept = times[start:]
+        row["samples_per_s"] = ranks * row["batch_size_per_rank"] * len(kept) / sum(kept)
+        row["samples_per_s_per_rank"] = row["samples_per_s"] / ranks
+        row["step_time_mean_s"] = sum(kept) / len(kept)
+    if not settled:
+        log.warning("point %d rank(s): the step time never settled (%d steps); its figure is over all steps",
+                    ranks, len(times))
 
 
 def _bar(enabled, desc, total):

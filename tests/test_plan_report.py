@@ -50,10 +50,18 @@ def test_resolve_against_a_cpu_offering():
     assert hplan.resolve(hplan.build(gpus="8"), gpu).batch_size == 128
 
 
-def make_run(root, run_id, thr, price=None, provider="local", status=None):
-    """A run directory holding measured rows: thr = {gpus: [samples/s per repetition]}."""
+FINGERPRINT = {"host": "n0", "cpu": {"model": "Intel(R) Xeon(R) Processor", "family": 6, "model_number": 143,
+                                     "stepping": 8, "isa": ["avx2", "avx512f", "avx512_bf16"], "cores_visible": 2},
+               "gpu": {"model": None, "count": 0, "memory_mib": None, "driver": None, "cuda": None},
+               "software": {"tensorflow": "2.15.1", "horovod": "0.28.1", "python": "3.11.7"}}
+
+
+def make_run(root, run_id, thr, price=None, provider="local", status=None, fingerprint=FINGERPRINT):
+    """A run directory holding measured rows: thr = {gpus: [samples/s per repetition]}, made on the machine
+    ``fingerprint`` describes (None: a run from before fingerprints)."""
     store = RunStore.create(root, run_id)
     store.write_json("run.json", {"run_id": run_id, "state": "finished", "plan": {"epoch_events": 180000}})
+    store.write_json("environment.json", {"nodes": {"n0": fingerprint}} if fingerprint else {})
     for gpus, values in thr.items():
         for rep, v in enumerate(values, 1):
             store.add_sample({"run_id": run_id, "provider": provider, "instance_type": "t1", "device": "cpu",

@@ -289,8 +289,8 @@ def moment(backend, phase, run_dir, proc):
     """Block until the run is at ``phase``."""
     at_point = lambda: _stage(run_dir).startswith("point")  # noqa: E731
     if phase == "provision":
-        if not backend.hold:
-            _until("stage provision", lambda: _stage(run_dir) == "provision", proc, 120)
+        if not backend.hold:  # no API call to hold: the first moment the run is seen (its check or provision)
+            _until("stage check or provision", lambda: _stage(run_dir) in ("check", "provision"), proc, 120)
     elif phase == "deploy":
         _until("stage deploy", lambda: _stage(run_dir) == "deploy", proc, 300)
     elif phase == "launch":  # the launcher is starting the ranks; none runs the trainer yet
@@ -333,11 +333,13 @@ def cell(backend, phase, results, how="sigint"):
             proc.send_signal(signal.SIGINT)
             row["landed"] = _stage(run_dir)
             if phase == "teardown":
-                wait = backend.holding if backend.hold_down else lambda: _stage(run_dir) == "teardown"
-                _until("a teardown call to be held" if backend.hold_down else "stage teardown", wait, proc,
-                       EXIT_BOUND_S)
+                if backend.hold_down:  # inside a teardown call, for certain
+                    _until("a teardown call to be held", backend.holding, proc, EXIT_BOUND_S)
+                    row["landed"] += " + teardown call"
+                else:  # teardowns without an API call last milliseconds: right behind the first signal
+                    time.sleep(0.05)
+                    row["landed"] += " + 50 ms"
                 proc.send_signal(signal.SIGINT)
-                row["landed"] += " + teardown"
             proc.wait(timeout=EXIT_BOUND_S * 4)
         row["seconds"] = round(time.monotonic() - t0, 2)
         row["exit"] = proc.returncode
