@@ -141,10 +141,11 @@ def provider_options(args, options=None):
 
 def dry_run(plan, provider, as_json):
     from harness import plan as hplan
-    from harness.runner import choose_offering, dry_run_jobs
+    from harness.runner import choose_offering, dry_run_jobs, feasible
 
     offer = choose_offering(plan, provider)
     plan = hplan.resolve(plan, offer)
+    feasible(plan, provider, offer)
     per_node = offer.slots
     nodes = -(-max(plan.sweep) // per_node)
     price = None if offer.price_per_hour is None else offer.price_per_hour * nodes
@@ -215,6 +216,25 @@ def cmd_regress(args):
         if code == 2:
             print("no point of the current run matches the baseline "
                   "(same provider, instance type, device, GPUs, variant, batch)", file=sys.stderr)
+    return code
+
+
+def cmd_history(args):
+    from harness import history
+
+    df = history.table(args.runs)
+    points = history.analyse(df, pvalue=args.pvalue, min_change=args.min_change)
+    code = history.exit_code(points)
+    if args.html:
+        from harness.results import write_atomic
+
+        write_atomic(args.html, history.html_report(df, points).encode())
+    if args.json:
+        print(json.dumps({"exit_code": code, "runs": int(df["run_id"].nunique()), "change_points": history.to_json(points)}))
+    else:
+        print(history.text(df, points))
+        if args.html:
+            print(f"report: {args.html}")
     return code
 
 
@@ -404,6 +424,15 @@ def parser():
                     help="compare even when the two sides ran on different hardware or software (exit 3 otherwise)")
     rg.add_argument("--json", action="store_true")
     rg.set_defaults(fn=cmd_regress)
+
+    h = sub.add_parser("history", help="change points over runs in time order (E-Divisive); exit 1 on a drop")
+    h.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_FOLDER")
+    h.add_argument("--pvalue", type=float, default=0.01, help="permutation test level (default 0.01)")
+    h.add_argument("--min-change", type=float, default=0.05,
+                   help="smallest relative change reported (default 0.05)")
+    h.add_argument("--html", help="write the series, change points and each run's version here")
+    h.add_argument("--json", action="store_true")
+    h.set_defaults(fn=cmd_history)
 
     b = sub.add_parser("baseline", help="manage baselines")
     bsub = b.add_subparsers(dest="action", required=True)

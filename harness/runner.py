@@ -89,9 +89,24 @@ def parse_summary(metrics_path):
 
 
 def environment():
+    """The harness's own machine and version (the nodes' fingerprints join it as the points run)."""
+    import subprocess
+    from importlib import metadata
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    try:
+        version = metadata.version("cloudbench")
+    except metadata.PackageNotFoundError:
+        version = None
     return {"host": socket.gethostname(), "python": platform.python_version(), "executable": sys.executable,
             "platform": platform.platform(), "cpus": len(os.sched_getaffinity(0)),
-            "harness_started_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+            "harness_started_at": dt.datetime.now(dt.timezone.utc).isoformat(), "commit": commit,
+            "cloudbench_version": version}
 
 
 def choose_offering(plan: hplan.RunPlan, provider):
@@ -110,10 +125,24 @@ def choose_offering(plan: hplan.RunPlan, provider):
     raise hplan.PlanError("instance-type", plan.instance_type, "one of " + ", ".join(o.instance_type for o in offers))
 
 
+def feasible(plan: hplan.RunPlan, provider, offer):
+    """Refuse, before anything starts, a plan the provider cannot meet: more ranks than a single-machine
+    provider has, or a --data path that does not exist where the trainer will read it."""
+    caps = provider.capabilities
+    if not caps.multi_node and max(plan.sweep) > offer.slots:
+        raise hplan.PlanError("gpus", max(plan.sweep), f"at most {offer.slots}: the {plan.provider} provider runs on "
+                                                        f"one machine, which has {offer.slots} slot(s)")
+    if caps.local_files and plan.data not in ("synthetic",) and not plan.data.startswith("s3://") \
+            and not os.path.exists(plan.data):
+        raise hplan.PlanError("data", plan.data, "synthetic, s3://BUCKET/PREFIX, or an HDF5 file or directory "
+                                                 "that exists on this machine")
+
+
 def start(plan: hplan.RunPlan, root, provider):
     """Resolve the plan against the provider's offering and create the run directory."""
     offer = choose_offering(plan, provider)
     resolved = hplan.resolve(plan, offer)
+    feasible(resolved, provider, offer)
     store = RunStore.create(root, new_run_id(plan.provider))
     store.write_json("run.json", {"run_id": store.run_id, "state": "created", "plan": resolved.to_dict(),
                                   "offering": offer.__dict__})

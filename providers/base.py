@@ -38,6 +38,7 @@ class Capabilities:
     prices: bool
     engines: tuple  # "gloo", "mpi", ...
     notes: str = ""
+    local_files: bool = False  # the nodes see this machine's files (a --data path can be checked here)
 
 
 @dataclass(frozen=True)

@@ -102,3 +102,42 @@ def test_steady_state_drops_unsettled_warmup_only():
     assert stats.steady_state([3.0, 2.0, 1.0, 1.0, 1.02, 0.98, 1.01, 1.0]) == (2, True)
     assert stats.steady_state([1.0, 1.0, 3.0, 1.0, 1.0, 1.0]) == (0, True)  # a late slow step is noise
     assert stats.steady_state([5.0, 4.0, 3.0, 2.5, 2.0, 1.5, 1.0, 1.0]) == (0, False)  # never settled
+
+
+def test_a_plan_that_cannot_be_met_is_refused_before_anything_starts(tmp_path):
+    from test_run_local import cloudbench
+
+    p = cloudbench("run", "--gpus", 100000, "--dry-run")
+    assert p.returncode == 2 and "at most" in p.stderr and "one machine" in p.stderr, p.stderr
+    p = cloudbench("run", "--data", tmp_path / "missing.h5", "--variant", "small", "--results", tmp_path / "runs")
+    assert p.returncode == 2 and "exists on this machine" in p.stderr, p.stderr
+    assert not (tmp_path / "runs").exists()  # nothing started, no run directory
+
+
+def _series(tmp_path, values, fingerprint=FINGERPRINT):
+    root = tmp_path / "nightly"
+    for i, v in enumerate(values):
+        run = f"2026{1 + i // 28:02d}{1 + i % 28:02d}-000000-local-{i:04d}"
+        store = make_run(root, run, {1: [v * f for f in (0.99, 1.0, 1.01)], 2: [1.8 * v * f for f in (0.99, 1.0, 1.01)]},
+                         fingerprint=fingerprint)
+        store.write_json("environment.json", {**store.read_json("environment.json"),
+                                              "harness_started_at": f"2026-01-{1 + i:02d}T00:00:00",
+                                              "commit": f"c{i:03d}"})
+    return root
+
+
+def test_history_finds_a_15_percent_step_and_nothing_in_noise(tmp_path):
+    from test_run_local import cloudbench
+
+    rng = np.random.default_rng(7)
+    noise = 1 + 0.02 * rng.standard_normal(20)
+    step = [10.0 * n * (0.85 if i >= 11 else 1.0) for i, n in enumerate(noise)]  # runs 12..20 are 15 % slower
+    p = cloudbench("history", _series(tmp_path / "a", step), "--json", "--html", tmp_path / "h.html")
+    out = json.loads(p.stdout)
+    assert p.returncode == 1, p.stderr  # a drop
+    assert {(c["metric"], c["index"]) for c in out["change_points"]} == {("samples_per_s", 11)}, out
+    drop = [c for c in out["change_points"] if c["metric"] == "samples_per_s"]
+    assert all(c["index"] == 11 and c["commit"] == "c011" and -17 < c["change_pct"] < -13 for c in drop), drop
+    assert "c011" in (tmp_path / "h.html").read_text()
+    quiet = cloudbench("history", _series(tmp_path / "b", [10.0 * n for n in noise]), "--json")
+    assert quiet.returncode == 0 and json.loads(quiet.stdout)["change_points"] == [], quiet.stdout

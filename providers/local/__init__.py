@@ -48,6 +48,7 @@ class LocalProvider:
     name = "local"
     description = "this machine: one rank per local GPU, or one per CPU core where there is none"
     capabilities = Capabilities(gpus=True, multi_node=False, spot=False, prices=False, engines=("gloo", "mpi"),
+                                local_files=True,
                                 notes="no cost; price is unknown (NaN) in reports")
 
     def __init__(self, **options):
