@@ -66,7 +66,8 @@ def cmd_run(args):
                            precision=args.precision, epoch_events=args.epoch_events,
                            instance_type=args.instance_type, provider_options=options or None,
                            upload=args.upload, s3_endpoint=args.s3_endpoint, retries=args.retries,
-                           calibrate=False if args.no_calibrate else None)
+                           calibrate=False if args.no_calibrate else None, ci_target=args.ci_target,
+                           max_repetitions=args.max_repetitions)
         provider = base.get(plan.provider, **options)
         if args.dry_run:
             return dry_run(plan, provider, args.json)
@@ -378,6 +379,9 @@ def parser():
     r.add_argument("--repetitions", help="launches per point (default 3)")
     r.add_argument("--retries", help="relaunches of a point whose failure the provider repaired, e.g. a reclaimed "
                                      "spot instance it replaced (default 0: the point is recorded as failed)")
+    r.add_argument("--ci-target", metavar="FRACTION", help="add repetitions to a point until its 95 %% interval's "
+                                                            "half-width is below this fraction of its median, e.g. 0.03")
+    r.add_argument("--max-repetitions", help="the most repetitions --ci-target may reach (default 10)")
     r.add_argument("--no-calibrate", action="store_true", help="skip the scaling model's allreduce calibration "
                                                                 "(predictions fall back to the provider's raw link)")
     r.add_argument("--variant", help="fixed (default), angle, or small (tests only)")

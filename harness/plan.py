@@ -41,6 +41,8 @@ class RunPlan:
     point_timeout_s: float = 3600.0
     retries: int = 0  # relaunches of a point whose failure the provider repaired (a replaced spot instance)
     calibrate: bool = True  # time Horovod allreduces and the busy step on the fleet for the scaling model
+    ci_target: Optional[float] = None  # add repetitions until the 95 % interval's half-width / median is below
+    max_repetitions: int = 10  # the most repetitions ci_target may add up to
     instance_type: Optional[str] = None
     provider_options: tuple = ()  # (key, value) pairs passed to the provider
 
@@ -143,6 +145,15 @@ def build(file_fields=None, **flags):
     if not isinstance(raw.get("calibrate", True), bool):
         raise PlanError("calibrate", raw["calibrate"], "true or false")
     v["calibrate"] = raw.get("calibrate", True)
+    if raw.get("ci_target") is not None:
+        try:
+            v["ci_target"] = float(raw["ci_target"])
+        except (TypeError, ValueError):
+            raise PlanError("ci-target", raw["ci_target"], "a fraction in (0, 1), e.g. 0.03") from None
+        if not 0 < v["ci_target"] < 1:
+            raise PlanError("ci-target", raw["ci_target"], "a fraction in (0, 1), e.g. 0.03")
+    v["max_repetitions"] = _int("max-repetitions", raw.get("max_repetitions", max(10, v["repetitions"])),
+                                v["repetitions"])
     v["variant"] = _choice("variant", raw.get("variant", "fixed"), VARIANTS)
     if raw.get("batch_size") is not None:
         v["batch_size"] = _int("batch-size", raw["batch_size"], 1)

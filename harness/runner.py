@@ -182,7 +182,9 @@ def execute(plan: hplan.RunPlan, store: RunStore, provider, progress=True):
             calib = calibrate(plan, store, provider, fleet, cpus_per_rank, progress)
         done = store.done()
         for gpus in plan.sweep:
-            for rep in range(1, plan.repetitions + 1):
+            rep = 0
+            while rep < plan.repetitions or (rep < plan.max_repetitions and wider_than_target(plan, store, gpus)):
+                rep += 1
                 if (gpus, rep) in done:
                     continue
                 _stage(store, f"point {gpus}x{rep}")
@@ -207,6 +209,22 @@ def execute(plan: hplan.RunPlan, store: RunStore, provider, progress=True):
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+
+
+def wider_than_target(plan, store, gpus):
+    """--ci-target: this point's 95 % throughput interval is still wider than the target (harness.stats)."""
+    if not plan.ci_target:
+        return False
+    from harness import stats
+
+    df = store.samples()
+    ok = df[(df["gpus"] == gpus) & (df["status"] == "ok")]["samples_per_s"].tolist()
+    width = stats.relative_half_width(ok)
+    if width > plan.ci_target:
+        log.info("point %d: 95 %% interval +-%.1f %% > target %.1f %%: one more repetition", gpus, 100 * width,
+                 100 * plan.ci_target)
+        return True
+    return False
 
 
 def _stage(store, name):

@@ -141,3 +141,19 @@ def test_history_finds_a_15_percent_step_and_nothing_in_noise(tmp_path):
     assert "c011" in (tmp_path / "h.html").read_text()
     quiet = cloudbench("history", _series(tmp_path / "b", [10.0 * n for n in noise]), "--json")
     assert quiet.returncode == 0 and json.loads(quiet.stdout)["change_points"] == [], quiet.stdout
+
+
+def test_ci_target_adds_repetitions_until_the_interval_is_narrow(tmp_path):
+    """A real local sweep of the small model: with a target no 2 repetitions can meet by chance... up to the cap."""
+    from test_run_local import run_ok
+
+    out, d, df = run_ok(tmp_path, "--variant", "small", "--sweep", "1", "--gpus", "1", "--steps", "8", "--warmup",
+                        "2", "--repetitions", "2", "--ci-target", "0.0001", "--max-repetitions", "3", "--no-progress")
+    assert sorted(df["repetition"]) == [1, 2, 3]  # the target was not met: the cap stops it
+    assert df["hardware_id"].notna().all() and df["cpu_model"].notna().all()
+    env = json.loads((d / "environment.json").read_text())
+    assert len(env["nodes"]) == 1 and env["commit"]
+    fp = next(iter(env["nodes"].values()))
+    assert fp["cpu"]["model"] and fp["software"]["horovod"] == "0.28.1"
+    p = run_module("harness.cli", "report", str(d))
+    assert "machines:" in p.stdout and "cores visible" in p.stdout, p.stdout
