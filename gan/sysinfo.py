@@ -33,7 +33,7 @@ def _read(path):
         return None
 
 
-def cpu() -> dict:
+def cpu(cores_visible=None) -> dict:
     flags, brand, vendor, family, model, stepping, hz = [], None, None, None, None, None, None
     try:
         import cpuinfo  # py-cpuinfo
@@ -61,7 +61,7 @@ def cpu() -> dict:
         physical, mhz, mem = None, None, None
     if not mhz and hz:
         mhz = hz / 1e6
-    visible = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    visible = cores_visible or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     numa = sorted(glob.glob("/sys/devices/system/node/node[0-9]*"))
     return {"model": brand, "vendor": vendor, "family": family, "model_number": model, "stepping": stepping,
             "isa": [f for f in ISA if f in set(flags)], "cores_visible": visible, "cores_physical": physical,
@@ -147,9 +147,10 @@ def software(with_frameworks=True) -> dict:
     return out
 
 
-def collect(with_frameworks=True) -> dict:
-    """The whole fingerprint of this node."""
-    return {"host": platform.node(), "cpu": cpu(), "gpu": gpu(), "network": network(),
+def collect(with_frameworks=True, cores_visible=None) -> dict:
+    """The whole fingerprint of this node (``cores_visible``: the node's, when this process has pinned itself
+    to fewer)."""
+    return {"host": platform.node(), "cpu": cpu(cores_visible), "gpu": gpu(), "network": network(),
             "software": software(with_frameworks)}
 
 

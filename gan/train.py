@@ -328,6 +328,7 @@ def _mllogger(path, rank):
 def run(args, hold=None) -> dict:
     """Train as ``args`` say; returns the summary. ``hold`` receives the TF objects (to outlive the call)."""
     local_rank, local_size = gdist.local_position()
+    node_cores = len(os.sched_getaffinity(0))  # the node's, before this rank pins itself to its share
     cpus, intra = place(local_rank, local_size, args.threads, pin=not args.no_pin, cpus_per_rank=args.cpus_per_rank)
     engine = gdist.init(use_horovod=not args.no_horovod)
     device = select_device(engine.local_rank)
@@ -353,7 +354,8 @@ def run(args, hold=None) -> dict:
     # The machine behind the figures: each node's fingerprint, taken on the node by its first local rank.
     from gan import sysinfo
 
-    prints = engine.allgather_object((node, sysinfo.collect()) if engine.local_rank == 0 else None)
+    prints = engine.allgather_object((node, sysinfo.collect(cores_visible=node_cores))
+                                     if engine.local_rank == 0 else None)
     fingerprints = dict(p for p in prints if p)
     emit({"event": "start", "variant": args.variant, "ranks": engine.size, "batch_size_per_rank": args.batch_size,
           "steps": args.steps, "warmup": args.warmup, "data": args.data, "precision": args.precision,

@@ -357,8 +357,17 @@ def cmd_lab(args):
 
 def cmd_env(args):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    info = environment()
+    from gan import sysinfo
+    from harness import machines
+
+    fp = sysinfo.collect(with_frameworks=not args.hardware_id)
+    hw = machines.ids({"here": fp})["hardware_id"]
+    if args.hardware_id:  # a machine-class name for per-machine baselines (nightly CI)
+        print(hw)
+        return 0
+    info = {**environment(), "machine": sysinfo.summary(fp), "hardware_id": hw}
     if args.json:
+        info["fingerprint"] = fp
         print(json.dumps(info))
     else:
         for k, v in info.items():
@@ -486,8 +495,10 @@ def parser():
                            help="also start a cloud API emulator whose servers are the lab hosts (repeatable)")
         a.set_defaults(fn=cmd_lab)
 
-    e = sub.add_parser("env", help="show the TensorFlow/Horovod/CPU/GPU environment")
-    e.add_argument("--json", action="store_true")
+    e = sub.add_parser("env", help="show this machine's fingerprint and TensorFlow/Horovod/CPU/GPU environment")
+    e.add_argument("--json", action="store_true", help="everything, the whole fingerprint included")
+    e.add_argument("--hardware-id", action="store_true",
+                   help="print only the id of this machine's hardware class (for one baseline per class)")
     e.set_defaults(fn=cmd_env)
     return ap
 

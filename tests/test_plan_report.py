@@ -176,12 +176,13 @@ def test_nightly_workflow_example_uses_real_commands_and_flags():
     for step in wf["jobs"]["scaling"]["steps"]:
         script = step.get("run", "").replace("\\\n", " ")
         for line in script.splitlines():
-            if ".venv/bin/cloudbench" in line:
-                cmd = line.split(".venv/bin/cloudbench", 1)[1].split("|")[0].split(">")[0]
-                cmd = re.sub(r"\$\{\{[^}]*\}\}", "results/runs/x", cmd)
-                cmd = re.sub(r"\"?\$(\w+)\"?", lambda m: env.get(m.group(1), m.group(0)), cmd)
+            for part in line.split(".venv/bin/cloudbench")[1:]:
+                cmd = re.sub(r"\$\{\{[^}]*\}\}", "results/runs/x", part)
+                cmd = re.sub(r"\"\$\(basename [^)]*\)\"?", "nightly", cmd)
+                cmd = cmd.split("|")[0].split(">")[0].split(")")[0]
+                cmd = re.sub(r"\"?\$(\w+)\"?", lambda m: env.get(m.group(1), "results/baselines/x"), cmd)
                 calls.append(shlex.split(cmd))
-    assert {c[0] for c in calls} == {"run", "regress", "gc"}
+    assert {c[0] for c in calls} == {"run", "regress", "gc", "env", "baseline", "history"}
     for c in calls:
         parser().parse_args(c)  # argparse exits (SystemExit) on an unknown flag
 
