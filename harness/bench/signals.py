@@ -13,7 +13,12 @@ them down. The moments are picked from what the run itself records, never by sle
 - ``mid-point``: the trainer has reported a step (kubernetes: inside a held GET of the point's pods, the
   moment of the issue's reproduction);
 - ``between-points``: the first point's sample has been stored;
-- ``teardown``: a first SIGINT mid-point, a second once the stage is ``teardown`` (reported, ignored).
+- ``teardown``: a first SIGINT mid-point, a second inside a held teardown call (API providers) or 50 ms behind
+  the first (the others' teardowns last milliseconds): reported, ignored, the teardown finishes.
+
+Then a dying worker (``worker`` rows): mid-point, rank 1's node dies as it would on that infrastructure (the
+cloud deletes or terminates the instance, the pod is deleted, the trainer process is killed); the point must
+fail within WORKER_BOUND_S naming the node, the run must end by itself, and nothing may be left.
 
 Leftovers are counted through each backend (the emulators' own state, boto3, the Kubernetes client, squeue,
 lease files, /proc), never through cloudbench; processes are any on this machine (the lab hosts share its
@@ -41,6 +46,7 @@ PROVIDERS = ("local", "ssh", "slurm", "terraform", "openstack", "aws", "exoscale
 RUN = ("--variant", "small", "--steps", "30", "--warmup", "3", "--gpus", "2", "--sweep", "2", "--repetitions", "2", "--no-progress",
        "--no-calibrate")
 EXIT_BOUND_S = 30.0  # a first signal must end the run (torn down) within this
+WORKER_BOUND_S = 120.0  # a point whose worker died must fail within this
 HOLD_S = 60.0  # a held API answer: far longer than the moment needs
 
 
@@ -90,9 +96,34 @@ class Backend:
     def holding(self):
         return _emu(self.url, "hold").get("holding", 0) > 0
 
+    def kill_worker(self, run_id, fleet):
+        """Make the node of rank 1 die mid-point, as its kind of infrastructure would; returns its names.
+        Default: the trainer process of rank 1 is killed (a crashed or OOM-killed worker)."""
+        for pid in _rank_pids(run_id, rank=1):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        node = fleet["nodes"][min(1, len(fleet["nodes"]) - 1)]
+        return [node["name"], node["address"]]
+
     def disarm(self):
         if self.hold or self.hold_mid or self.hold_down:
             _emu(self.url, "hold", {})
+
+
+def _rank_pids(run_id, rank):
+    tag, want = f"CLOUDBENCH_RUN={run_id}".encode(), f"HOROVOD_RANK={rank}".encode()
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                env, cmd = (d / "environ").read_bytes().split(b"\0"), (d / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if tag in env and want in env and b"gan.train" in cmd and not cmd.startswith(b"/bin/sh"):
+                out.append(int(d.name))
+    return out
 
 
 def _leases(lab, run_id):
@@ -160,6 +191,16 @@ class OpenStack(Backend):
                 for x in items if run_id in json.dumps(x)]
 
 
+    def kill_worker(self, run_id, fleet):  # the cloud deletes the server (openstacksdk, not cloudbench)
+        import openstack
+
+        conn = openstack.connect(cloud="cloudbench-lab")
+        node = fleet["nodes"][1]
+        for srv in conn.compute.servers(name=f"^{node['name']}$"):
+            conn.compute.delete_server(srv.id)
+        return [node["name"], node["address"]]
+
+
 class Exoscale(OpenStack):
     name = "exoscale"
     hold = ("POST", r"/v2/instance/?$", "")
@@ -168,11 +209,30 @@ class Exoscale(OpenStack):
     def args(self):
         return ["--provider", "exoscale"]
 
+    def kill_worker(self, run_id, fleet):  # the zone deletes the instance (a signed API v2 call)
+        from providers.exoscale import ExoscaleProvider
+
+        api, node = ExoscaleProvider().api, fleet["nodes"][1]
+        for i in api.call("GET", "/instance").get("instances", []):
+            if i.get("name") == node["name"]:
+                api.call("DELETE", f"/instance/{i['id']}")
+        return [node["name"], node["address"]]
+
     gc_args = args
 
 
 class Aws(Backend):
     name = "aws"
+
+    def kill_worker(self, run_id, fleet):  # the cloud terminates the instance
+        import boto3
+
+        ec2, node = boto3.client("ec2"), fleet["nodes"][1]
+        found = ec2.describe_instances(Filters=[{"Name": "tag:Name", "Values": [node["name"]]},
+                                                {"Name": "tag:cloudbench-run", "Values": [run_id]}])
+        ids = [i["InstanceId"] for r in found["Reservations"] for i in r["Instances"]]
+        ec2.terminate_instances(InstanceIds=ids)
+        return [node["name"], node["address"]]
     hold = ("POST", r"^/", r"Action=RunInstances")
     hold_down = ("POST", r"^/", r"Action=TerminateInstances")
 
@@ -193,6 +253,16 @@ class Aws(Backend):
 
 class Kubernetes(Backend):
     name = "kubernetes"
+
+    def kill_worker(self, run_id, fleet):  # a worker pod is deleted (evicted, node drained)
+        from kubernetes import client, config
+
+        core = client.CoreV1Api(config.new_client_from_config(os.environ["KUBECONFIG"]))
+        pods = [p for p in core.list_pod_for_all_namespaces(label_selector=f"cloudbench-run={run_id}").items
+                if "worker" in p.metadata.name]
+        victim = sorted(pods, key=lambda p: p.metadata.name)[-1]
+        core.delete_namespaced_pod(victim.metadata.name, victim.metadata.namespace, grace_period_seconds=0)
+        return [victim.metadata.name, victim.spec.node_name or "?"]
     hold = ("GET", r"labelSelector=cloudbench-run", "")  # provision first lists what a dead harness left
     hold_mid = ("GET", r"/namespaces/[^/]+/pods(\?|$)", "")  # the issue's reproduction: SIGINT inside this
     hold_down = ("GET", r"labelSelector=cloudbench-run", "")  # teardown lists the run's objects first
@@ -249,6 +319,14 @@ def _stage(run_dir):
         return ""
 
 
+ORDER = ("", "check", "provision", "deploy", "calibrate", "point", "teardown", "torn down")
+
+
+def _order(run_dir):
+    stage = _stage(run_dir)
+    return next((i for i, name in enumerate(ORDER) if name and stage.startswith(name)), 0)
+
+
 def _steps(run_dir):
     n = 0
     for f in list((run_dir / "logs").glob("gpus*.log")) + list((run_dir / "logs").glob("gpus*.jsonl")):
@@ -257,6 +335,21 @@ def _steps(run_dir):
         except OSError:
             pass
     return n
+
+
+def _failed(run_dir):
+    """The error of the first failed point, or ''."""
+    f = run_dir / "samples.parquet"
+    if not f.exists():
+        return ""
+    import pandas as pd
+
+    try:
+        df = pd.read_parquet(f)
+    except Exception:  # noqa: BLE001 (being written)
+        return ""
+    bad = df[df["status"] != "ok"]
+    return str(bad.iloc[0]["error"]) if len(bad) else ""
 
 
 def _trainer_running(run_id):
@@ -290,9 +383,9 @@ def moment(backend, phase, run_dir, proc):
     at_point = lambda: _stage(run_dir).startswith("point")  # noqa: E731
     if phase == "provision":
         if not backend.hold:  # no API call to hold: the first moment the run is seen (its check or provision)
-            _until("stage check or provision", lambda: _stage(run_dir) in ("check", "provision"), proc, 120)
-    elif phase == "deploy":
-        _until("stage deploy", lambda: _stage(run_dir) == "deploy", proc, 300)
+            _until("stage check or provision", lambda: _order(run_dir) >= 1, proc, 120)
+    elif phase == "deploy":  # a deploy with nothing to do (kubernetes: the image) may pass unseen: then just after
+        _until("stage deploy", lambda: _order(run_dir) >= 3, proc, 300)
     elif phase == "launch":  # the launcher is starting the ranks; none runs the trainer yet
         _until("the first point", at_point, proc, 600)
     elif phase in ("mid-point", "teardown"):  # the ranks run the trainer (its steps, where they stream back)
@@ -325,7 +418,18 @@ def cell(backend, phase, results, how="sigint"):
         if phase == "teardown" and backend.hold_down:
             backend.arm(backend.hold_down, seconds=5)
         t0 = time.monotonic()
-        if how == "kill9":
+        if how == "worker":
+            names = backend.kill_worker(run_dir.name, json.loads((run_dir / "fleet.json").read_text()))
+            row["landed"] = f"{_stage(run_dir)}: killed {names[0]}"
+            _until("the point to fail", lambda: _failed(run_dir), proc, WORKER_BOUND_S)
+            row["seconds"] = round(time.monotonic() - t0, 2)
+            err_text = _failed(run_dir)
+            row["names_host"] = any(n and n in err_text for n in names)
+            if not row["names_host"]:
+                row["note"] = f"the point's error does not name {names}: {err_text[:200]}"
+            proc.wait(timeout=900)
+            row["exit"] = proc.returncode
+        elif how == "kill9":
             os.kill(proc.pid, signal.SIGKILL)
             row["landed"] = _stage(run_dir)
             proc.wait()
@@ -341,8 +445,9 @@ def cell(backend, phase, results, how="sigint"):
                     row["landed"] += " + 50 ms"
                 proc.send_signal(signal.SIGINT)
             proc.wait(timeout=EXIT_BOUND_S * 4)
-        row["seconds"] = round(time.monotonic() - t0, 2)
-        row["exit"] = proc.returncode
+        if how != "worker":
+            row["seconds"] = round(time.monotonic() - t0, 2)
+            row["exit"] = proc.returncode
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         row["note"] = str(e)
     finally:
@@ -366,6 +471,12 @@ def cell(backend, phase, results, how="sigint"):
         row["kept_points"] = _samples(run_dir)
         state = json.loads((run_dir / "run.json").read_text()).get("state") if (run_dir / "run.json").exists() else None
         row["state"] = state
+    if how == "worker":  # the point failed in bound naming the node, the run ended by itself, nothing left
+        row["ok"] = (not row["note"] and row["exit"] in (0, 1) and row["seconds"] <= WORKER_BOUND_S
+                     and not row["leftovers"] and not row["processes"])
+        if not row["ok"]:
+            row["stderr"] = err[-1500:]
+        return row
     expected = None if how == "kill9" else 130
     row["ok"] = (not row["note"] and row["exit"] == (expected if expected is not None else -signal.SIGKILL)
                  and not row["leftovers"] and not row["processes"]
@@ -432,6 +543,8 @@ def main(argv=None):
     ap.add_argument("--phases", default=",".join(PHASES))
     ap.add_argument("--kill9", default="provision,mid-point",
                     help="phases at which kill -9 (then cloudbench gc) is also tried (default provision,mid-point)")
+    ap.add_argument("--no-worker", dest="worker", action="store_false",
+                    help="skip the dying-worker cell (rank 1's node dies mid-point, as the provider's kind would)")
     ap.add_argument("--json-out")
     args = ap.parse_args(argv)
     machine = machine_line()
@@ -445,6 +558,9 @@ def main(argv=None):
                 print(table(rows[-1:]).splitlines()[1], flush=True)
             for phase in filter(None, args.kill9.split(",")):
                 rows.append(cell(b, phase, results, how="kill9"))
+                print(table(rows[-1:]).splitlines()[1], flush=True)
+            if args.worker:
+                rows.append(cell(b, "mid-point", results, how="worker"))
                 print(table(rows[-1:]).splitlines()[1], flush=True)
     text = machine + "\n" + table(rows)
     print("\n" + text)
