@@ -89,7 +89,9 @@ def cmd_run(args):
         agg, paths = report.write([store.dir])
     uploaded = upload(plan, store)
     state = store.read_json("run.json", {})
+    hw = sorted({str(h) for h in ok["hardware_id"].dropna()}) if "hardware_id" in ok else []
     out = {"run_id": store.run_id, "results_dir": str(store.dir), "state": state.get("state"), "uploaded": uploaded,
+           "hardware_id": hw[0] if len(hw) == 1 else ("mixed" if hw else None),
            "report": paths, "failed_points": int((df["status"] != "ok").sum()),
            "points": json.loads(df.to_json(orient="records"))}
     if args.json:

@@ -22,6 +22,12 @@ import pandas as pd
 from harness.results import RunStore
 from providers.errors import CloudbenchError
 
+class NothingToRead(CloudbenchError):
+    """No run, or no successful point, in what was given (exit 2, as regress when nothing matches)."""
+
+    exit_code = 2
+
+
 SERIES = ["provider", "instance_type", "device", "variant", "batch_size_per_rank", "hardware_id", "gpus"]
 
 
@@ -46,9 +52,9 @@ def run_dirs(paths) -> list:
         elif p.is_dir():
             out += sorted(d for d in p.iterdir() if (d / "run.json").is_file())
         else:
-            raise CloudbenchError(f"{p} is neither a run directory nor a folder of runs")
+            raise NothingToRead(f"{p} is neither a run directory nor a folder of runs")
     if not out:
-        raise CloudbenchError("no runs in " + ", ".join(map(str, paths)))
+        raise NothingToRead("no runs in " + ", ".join(map(str, paths)))
     return out
 
 
@@ -73,7 +79,7 @@ def table(paths) -> pd.DataFrame:
             if key[-1] > 1 and key[:-1] in one:
                 rows.append({**base, "metric": "efficiency", "value": float(thr / (key[-1] * one[key[:-1]]))})
     if not rows:
-        raise CloudbenchError("no successful points in the given runs")
+        raise NothingToRead("no successful points in the given runs")
     return pd.DataFrame(rows).sort_values(["started_at", "run_id"]).reset_index(drop=True)
 
 

@@ -182,7 +182,7 @@ def test_nightly_workflow_example_uses_real_commands_and_flags():
                 cmd = cmd.split("|")[0].split(">")[0].split(")")[0]
                 cmd = re.sub(r"\"?\$(\w+)\"?", lambda m: env.get(m.group(1), "results/baselines/x"), cmd)
                 calls.append(shlex.split(cmd))
-    assert {c[0] for c in calls} == {"run", "regress", "gc", "env", "baseline", "history"}
+    assert {c[0] for c in calls} == {"run", "regress", "gc", "baseline", "history"}
     for c in calls:
         parser().parse_args(c)  # argparse exits (SystemExit) on an unknown flag
 
