@@ -167,6 +167,25 @@ def count_steps(path):
         return 0
 
 
+def failed_rank(log_path):
+    """(rank, exit code) of the first rank horovodrun (Gloo) or mpirun reports as failed in a launch's log,
+    or None."""
+    import re
+
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = f.read().splitlines()[-400:]
+    except OSError:
+        return None
+    text = "\n".join(x for x in lines if not x.startswith("$ "))  # not our own command line
+    m = re.findall(r"Process name: (\d+)\s*\nExit code: (-?\d+)", text) or \
+        re.findall(r"Process (\d+) exit with status code (-?\d+)", text)
+    return (int(m[0][0]), int(m[0][1])) if m else None
+
+
+KILLED = {255: " (killed by a signal, or its ssh connection was lost)", 137: " (killed)", -9: " (killed)"}
+
+
 def watch(finished, job: Job, progress_path, on_progress=None, interval=1.0, timeout_message=None):
     """Poll ``finished()`` until it is true, reporting the steps counted in ``progress_path``; raise
     PointFailed with ``timeout_message()`` once the job's timeout has passed. Returns the seconds waited."""

@@ -122,6 +122,7 @@ def test_a_dying_worker_fails_its_point_and_the_sweep_goes_on(tmp_path):
     res = json.loads(out)
     df = pd.read_parquet(Path(res["results_dir"]) / "samples.parquet").set_index("gpus")
     assert df.loc[1, "status"] == "failed" and "exited with code" in df.loc[1, "error"]
+    assert "rank 0 on host" in df.loc[1, "error"] and "(killed)" in df.loc[1, "error"], df.loc[1, "error"]
     assert (Path(res["results_dir"]) / df.loc[1, "log_path"]).is_file()
     assert df.loc[2, "status"] == "ok" and res["failed_points"] == 1
 

@@ -16,9 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from providers.errors import ProviderError
-from providers.base import (TAG, Capabilities, Fleet, FleetSpec, Job, JobResult, Node, Offering, Resource,
-                            watch)
+from providers.errors import PointFailed, ProviderError
+from providers.base import (KILLED, TAG, Capabilities, Fleet, FleetSpec, Job, JobResult, Node, Offering, Resource,
+                            failed_rank, watch)
 
 ENV_TAG = "CLOUDBENCH_RUN"
 ENV_OWNER = "CLOUDBENCH_OWNER"  # pid of the harness that launched the process
@@ -127,6 +127,11 @@ class LocalProvider:
                 if proc.poll() is None:
                     kill_group(proc)
                     self.teardown(job.run_id)
+        failed = failed_rank(job.log_path) if proc.returncode else None
+        if failed:
+            rank, code = failed
+            raise PointFailed(f"rank {rank} on host {fleet.nodes[0].name} (this machine) exited with code {code}"
+                              f"{KILLED.get(code, '')}", job.log_path)
         return JobResult(returncode=proc.returncode, metrics_path=job.metrics_path, log_path=job.log_path,
                          seconds=time.monotonic() - t0, hosts=(fleet.nodes[0].name,))
 

@@ -49,7 +49,8 @@ from pathlib import Path
 from typing import Optional
 
 from providers.errors import PlanError, PointFailed, ProviderError
-from providers.base import TAG, Capabilities, Fleet, FleetSpec, Job, JobResult, Node, Offering, Resource, watch
+from providers.base import (KILLED, TAG, Capabilities, Fleet, FleetSpec, Job, JobResult, Node, Offering, Resource,
+                            failed_rank, watch)
 from providers.local import ENV_OWNER, ENV_TAG, harness_owner, kill_group, owner_alive
 
 log = logging.getLogger("cloudbench")
@@ -546,20 +547,17 @@ class SSHProvider:
         text = "\n".join(x for x in lines[-400:] if not x.startswith("$ "))  # not our own command line
         if rc == 255 and "horovod" not in text.lower():
             return f"lost the ssh connection to head host {head.where}"
-        m = re.findall(r"Process name: (\d+)\s*\nExit code: (-?\d+)", text) or \
-            re.findall(r"Process (\d+) exit with status code (-?\d+)", text)
-        if m:
-            rank, code = int(m[0][0]), int(m[0][1])
+        failed = failed_rank(log_path)
+        if failed:
+            rank, code = failed
             node, first = None, 0
             for n, k in place:
                 if first <= rank < first + k:
                     node = n
                 first += k
             # ssh exits 255 both when the remote process dies of a signal and when the connection drops.
-            reason = {255: " (killed by a signal, or its ssh connection was lost)", 137: " (killed)",
-                      -9: " (killed)"}.get(code, "")
             where = f"host {node.name} ({node.address})" if node else "an unknown host"
-            return f"rank {rank} on {where} exited with code {code}{reason}"
+            return f"rank {rank} on {where} exited with code {code}{KILLED.get(code, '')}"
         return f"horovodrun on head host {head.name} exited with code {rc}"
 
     def _fetch(self, head, remote_path, local_path):
