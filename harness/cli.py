@@ -514,6 +514,12 @@ def main(argv=None) -> int:
         print(f"cloudbench: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:  # runner.Interrupted (SIGINT/SIGTERM) is one
+        # Everything is torn down: a further signal must not turn exit 130 into death by signal while the
+        # interpreter shuts down (it restores the default handlers there).
+        import signal
+
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
         print(f"cloudbench: {e or 'interrupted'}", file=sys.stderr)
         return 130
 
