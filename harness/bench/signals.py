@@ -98,7 +98,10 @@ class Backend:
 
     def kill_worker(self, run_id, fleet):
         """Make the node of rank 1 die mid-point, as its kind of infrastructure would; returns its names.
-        Default: the trainer process of rank 1 is killed (a crashed or OOM-killed worker)."""
+        Default: the trainer process of rank 1 is killed (a crashed or OOM-killed worker), once it runs."""
+        deadline = time.monotonic() + 60
+        while not _rank_pids(run_id, rank=1) and time.monotonic() < deadline:
+            time.sleep(0.1)
         for pid in _rank_pids(run_id, rank=1):
             try:
                 os.kill(pid, signal.SIGKILL)
