@@ -102,13 +102,17 @@ class Backend:
         deadline = time.monotonic() + 60
         while not _rank_pids(run_id, rank=1) and time.monotonic() < deadline:
             time.sleep(0.1)
+        names = []
         for pid in _rank_pids(run_id, rank=1):
-            try:
+            try:  # where the launcher says the rank runs (Slurm's node name, Horovod's host name)
+                env = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                           if b"=" in kv)
+                names += [env[k].decode() for k in (b"SLURMD_NODENAME", b"CLOUDBENCH_NODE_NAME") if k in env]
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+            except (ProcessLookupError, OSError):
                 pass
         node = fleet["nodes"][min(1, len(fleet["nodes"]) - 1)]
-        return [node["name"], node["address"]]
+        return [node["name"], node["address"], *names]
 
     def disarm(self):
         if self.hold or self.hold_mid or self.hold_down:
@@ -485,7 +489,7 @@ def cell(backend, phase, results, how="sigint"):
                  and not row["leftovers"] and not row["processes"]
                  and (how == "kill9" or row["seconds"] <= EXIT_BOUND_S * (2 if phase == "teardown" else 1))
                  and (phase != "between-points" or row["kept_points"] >= 1)
-                 and (phase != "teardown" or "ignored while the fleet is torn down" in err))
+                 and (phase != "teardown" or not backend.hold_down or "ignored while the fleet is torn down" in err))
     if not row["ok"]:
         row["stderr"] = err[-1500:]
     return row

@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 from providers.errors import PlanError, PointFailed, ProviderError
-from providers.base import TAG, Capabilities, Fleet, FleetSpec, Job, JobResult, Node, Offering, Resource
+from providers.base import (KILLED, TAG, Capabilities, Fleet, FleetSpec, Job, JobResult, Node, Offering, Resource,
+                            failed_rank)
 from providers.cloudvm import fit
 from providers.kubernetes import manifests as mf
 from providers.local import harness_owner, owner_alive, tool
@@ -330,7 +331,12 @@ class KubernetesProvider:
             self._save(job, text)
             self._delete_point(name, version)
         if state != "Succeeded":
-            raise PointFailed(f"MPIJob {name} {state}: {why}{self._tail(text)}", job.log_path)
+            failed, who = failed_rank(job.log_path), ""
+            if failed:  # horovodrun's hostfile lists workers 0..N-1 with per-node slots each
+                rank, code = failed
+                who = (f"rank {rank} on worker pod {name}-worker-{rank // max(1, fleet.nodes[0].slots)} exited "
+                       f"with code {code}{KILLED.get(code, '')}; ")
+            raise PointFailed(f"MPIJob {name} {state}: {who}{why}{self._tail(text)}", job.log_path)
         return JobResult(returncode=0, metrics_path=job.metrics_path, log_path=job.log_path,
                          seconds=time.monotonic() - t0)
 

@@ -413,6 +413,7 @@ class Job:
         self.log = bytearray()
         self.lock = threading.Lock()
         self.reported = set()  # pods with a FailedScheduling event already recorded
+        self.evicted = set()  # worker indices whose pod was deleted while the job ran
 
     @property
     def key(self):
@@ -654,6 +655,7 @@ class KubeEmulator:
         if job.phase == "scheduling":
             self._schedule(job, pods)
         if job.phase == "running":
+            self._evict_deleted_workers(job, pods)
             if job.rc is not None:
                 self._finish(job)
             else:
@@ -666,6 +668,21 @@ class KubeEmulator:
             if ttl is not None and time.monotonic() - job.finished >= float(ttl):
                 self.call(self.api.remove(job.res, job.ns, job.name))
                 self.wake()
+
+    def _evict_deleted_workers(self, job, pods):
+        """A worker pod deleted while its job runs (evicted, drained, `kubectl delete pod`): as the kubelet
+        would, kill what that pod runs on its lab host; the launcher's horovodrun then sees its ranks die."""
+        present = {p["metadata"]["name"] for p in pods if p["metadata"].get("namespace") == job.ns}
+        for i, h in enumerate(job.hosts):
+            name = f"{job.name}-worker-{i}"
+            if name not in present and i not in job.evicted:
+                job.evicted.add(i)
+                others = {x["name"] for j in self.jobs.values() if j is not job and j.phase == "running"
+                          for x in j.hosts}
+                if h["name"] in others or any(x["name"] == h["name"] for x in job.hosts[:i] + job.hosts[i + 1:]):
+                    _kill_marked(h, job.uid)  # the host also runs other pods: only this job's processes
+                else:
+                    labhost.kill_sessions(h)
 
     def _specs(self, job):
         spec = job.obj.get("spec") or {}
