@@ -157,3 +157,23 @@ def test_ci_target_adds_repetitions_until_the_interval_is_narrow(tmp_path):
     assert fp["cpu"]["model"] and fp["software"]["horovod"] == "0.28.1"
     p = run_module("harness.cli", "report", str(d))
     assert "machines:" in p.stdout and "cores visible" in p.stdout, p.stdout
+
+
+def test_the_committed_baseline_has_fingerprints_and_refuses_another_cpu(tmp_path):
+    import shutil
+
+    from conftest import ROOT
+
+    base = ROOT / "results" / "baselines" / "local-2core-fixed"
+    nodes = json.loads((base / "environment.json").read_text())["nodes"]
+    assert nodes and all(fp["cpu"]["model"] and fp["software"]["tensorflow"] for fp in nodes.values())
+    same = run_module("harness.cli", "regress", "--baseline", base, "--current", base)
+    assert same.returncode == 0, same.stderr
+    other = tmp_path / "other"
+    shutil.copytree(base, other)
+    env = json.loads((other / "environment.json").read_text())
+    for fp in env["nodes"].values():
+        fp["cpu"]["model"] = "AMD EPYC 7B13 64-Core Processor"
+    (other / "environment.json").write_text(json.dumps(env))
+    p = run_module("harness.cli", "regress", "--baseline", base, "--current", other)
+    assert p.returncode == 3 and "cpu.model" in p.stderr and "AMD EPYC 7B13" in p.stderr, p.stderr

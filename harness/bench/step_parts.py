@@ -102,8 +102,15 @@ def sampled_run(ranks, args, d):
     cpu = collections.Counter()
     if first and last and last[1] > first[1]:
         n = last[1] - first[1]
+        per_thread = {}
         for key, (name, t) in last[2].items():
-            cpu[group(name)] += (t - first[2].get(key, (name, 0.0))[1]) / n / ranks
+            per_thread[key] = (t - first[2].get(key, (name, 0.0))[1]) / n / ranks
+        # TensorFlow's pools and Horovod's background loop are all named "python": tell them apart by role.
+        for (pid, tid), v in per_thread.items():
+            cpu["main thread (Python, TF executor)" if str(pid) == tid else "other threads (TF pools, Horovod, Gloo)"] += v
+        others = sorted((v for (pid, tid), v in per_thread.items() if str(pid) != tid), reverse=True)
+        cpu["  busiest other thread"] = others[0] * ranks if others else 0.0
+        cpu["  threads per rank"] = len(per_thread) / ranks
         wall = (last[0] - first[0]) / n
     else:
         wall = float("nan")
