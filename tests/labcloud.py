@@ -1,9 +1,7 @@
 """Helpers the cloud tests share: a lab with one emulator for a test module, calls to an emulator's control
 surface, and polling."""
-import json
 import os
 import time
-import urllib.request
 
 import pytest
 
@@ -34,13 +32,9 @@ def lab_cloud(name, kind, hosts=2):
 def emulator(cloud, path, body=None):
     """GET (or POST body to) /_emulator/<path> of an emulator (its URL, or a lab_cloud() record); its JSON
     answer. HTTP errors raise urllib.error.HTTPError."""
-    url = cloud if isinstance(cloud, str) else cloud["url"]
-    base = url[:-len("/v2")] if url.endswith("/v2") else url
-    req = urllib.request.Request(base + "/_emulator/" + path, method="POST" if body is not None else "GET",
-                                 data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read() or b"{}")
+    from harness.bench.signals import emulator_call
+
+    return emulator_call(cloud if isinstance(cloud, str) else cloud["url"], path, body)
 
 
 def provision(provider, run_id, tmp_path, slots=2):

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -56,7 +55,8 @@ def cloudbench_cmd():
 
 
 # --------------------------------------------------------------------------------------- the backends
-def _emu(url, path, body=None):
+def emulator_call(url, path, body=None):
+    """GET (or POST body to) /_emulator/<path> of a lab emulator at ``url``; its JSON answer."""
     base = url[:-len("/v2")] if url.endswith("/v2") else url
     req = urllib.request.Request(base + "/_emulator/" + path, method="POST" if body is not None else "GET",
                                  data=None if body is None else json.dumps(body).encode(),
@@ -91,10 +91,10 @@ class Backend:
 
     def arm(self, rule, seconds=HOLD_S):
         method, path, body = rule
-        _emu(self.url, "hold", {"method": method, "path": path, "body": body, "seconds": seconds, "count": 1})
+        emulator_call(self.url, "hold", {"method": method, "path": path, "body": body, "seconds": seconds, "count": 1})
 
     def holding(self):
-        return _emu(self.url, "hold").get("holding", 0) > 0
+        return emulator_call(self.url, "hold").get("holding", 0) > 0
 
     def kill_worker(self, run_id, fleet):
         """Make the node of rank 1 die mid-point, as its kind of infrastructure would; returns its names.
@@ -116,7 +116,7 @@ class Backend:
 
     def disarm(self):
         if self.hold or self.hold_mid or self.hold_down:
-            _emu(self.url, "hold", {})
+            emulator_call(self.url, "hold", {})
 
 
 def _rank_pids(run_id, rank):
@@ -193,7 +193,7 @@ class OpenStack(Backend):
     gc_args = args
 
     def leftovers(self, run_id):
-        st = _emu(self.url, "state")
+        st = emulator_call(self.url, "state")
         return [f"{kind} {json.dumps(x)[:80]}" for kind, items in st.items() if isinstance(items, list)
                 for x in items if run_id in json.dumps(x)]
 
