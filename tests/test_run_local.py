@@ -133,7 +133,8 @@ def test_invalid_flags_exit_2_and_start_nothing(tmp_path):
     p = cloudbench("run", "--sweep", "1,8", "--gpus", 2, "--results", tmp_path)
     assert p.returncode == 2 and "invalid sweep" in p.stderr
     p = cloudbench("run", "--gpus", 64, "--variant", "small", "--results", tmp_path, "--no-progress")
-    assert p.returncode == 1 and "this machine offers" in p.stderr
+    assert p.returncode == 2 and "invalid gpus: 64 (expected at most" in p.stderr and "one machine" in p.stderr
+    assert not list(tmp_path.iterdir())  # refused before anything started: no run directory
     p = cloudbench("run", "--provider", "nosuch", "--results", tmp_path)
     assert p.returncode == 1 and "available providers: " in p.stderr and " local," in p.stderr
     assert not any(d for d in tmp_path.iterdir() if (d / "samples.parquet").exists())
