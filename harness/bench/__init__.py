@@ -5,7 +5,9 @@ machine it ran on (``machine_line``), since a figure holds only for that machine
 - ``scaling``: measured vs predicted scaling efficiency on lab hosts behind links of different rates;
 - ``provision``: seconds to provision and tear down a fleet on a provider;
 - ``report``: seconds to aggregate and report a million sample rows;
-- ``signals``: the Ctrl-C / kill -9 campaign table (provider x phase -> exit code, seconds, leftovers).
+- ``signals``: the Ctrl-C / kill -9 / dying-worker campaign (provider x phase -> exit code, seconds, leftovers);
+- ``uncertainty``: the default sweep's 95 % intervals at 3 and 5 repetitions;
+- ``step_parts``: where a multi-rank CPU step's time goes, against the scaling model.
 """
 from __future__ import annotations
 
