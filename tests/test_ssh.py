@@ -193,6 +193,12 @@ def test_deploy_copies_the_source_and_refuses_mismatched_versions(twohosts, tmp_
         assert d["mode"] == "copy" and d["pythonpath"].startswith(inv["workdir"] + "/src-")
         assert (Path(d["pythonpath"]) / "gan" / "train.py").is_file()
         assert (Path(d["rdir"]) / "known_hosts").is_file() and os.access(Path(d["rdir"]) / "bin" / "ssh", os.X_OK)
+        # The source edited while it was copied: said as such, not as a TensorFlow/Horovod install problem.
+        probe = p._probe_trainer
+        p._probe_trainer = lambda h, py, path: {**probe(h, py, path), "source": "edited"}
+        with pytest.raises(ProviderError, match=r"source edited there, \w+ here: the project's source changed"):
+            p.deploy(fleet)
+        p._probe_trainer = probe
     finally:
         p.teardown("run-copy", fleet)
     inv["python"] = "/usr/bin/python3"  # no TensorFlow or Horovod there

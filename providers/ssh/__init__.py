@@ -433,6 +433,10 @@ class SSHProvider:
                 h, f"mkdir -p {shlex.quote(dest)} && tar -xzf - -C {shlex.quote(dest)}", input=blob, timeout=300))
             found = self.each(hosts, lambda h: self._probe_trainer(h, inv.python, dest))
             for h, f in zip(hosts, found):
+                if self._mismatch(f, want) and "error" not in f and f.get("gloo") and \
+                        (f.get("tensorflow"), f.get("horovod")) == (want["tensorflow"], want["horovod"]):
+                    raise ProviderError(f"host {h.where}: {self._mismatch(f, want)}: the project's source changed "
+                                        "here while it was being copied (files edited during the run?); run again")
                 if self._mismatch(f, want):
                     raise ProviderError(f"host {h.where}: {self._mismatch(f, want)}; install TensorFlow "
                                         f"{want['tensorflow']} and Horovod {want['horovod']} for {inv.python} "
