@@ -297,6 +297,19 @@ class Kubernetes(Backend):
 BACKENDS = {b.name: b for b in (Local, Ssh, Slurm, Terraform, OpenStack, Aws, Exoscale, Kubernetes)}
 
 
+def agents() -> set:
+    """PIDs of the per-launch ssh-agents of the ssh-based providers (they hold a key; they carry no run id)."""
+    out = set()
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and b"cb-agent-" in (d / "cmdline").read_bytes() and \
+                    (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                out.add(int(d.name))
+        except OSError:
+            pass
+    return out
+
+
 def processes(run_id) -> list:
     """Processes on this machine whose command line or environment names the run (lab hosts included)."""
     me, out = os.getpid(), []
@@ -410,6 +423,7 @@ def cell(backend, phase, results, how="sigint"):
     row = {"provider": backend.name, "phase": phase, "how": how, "landed": None, "exit": None, "seconds": None,
            "leftovers": [], "processes": [], "kept_points": 0, "ok": False, "note": ""}
     before = {p.name for p in Path(results).glob("*")}
+    agents_before = agents()
     if phase == "provision" and backend.hold:
         backend.arm(backend.hold)
     proc = subprocess.Popen([*cloudbench_cmd(), "run", *backend.args(), *RUN, "--results", str(results)],
@@ -472,6 +486,7 @@ def cell(backend, phase, results, how="sigint"):
         deadline = time.monotonic() + 10  # processes signalled by the teardown may take a moment to go
         while True:
             row["leftovers"], row["processes"] = backend.leftovers(run_id), processes(run_id)
+            row["processes"] += [f"pid {p}: an ssh-agent the run started" for p in agents() - agents_before]
             if not (row["leftovers"] or row["processes"]) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)

@@ -581,8 +581,14 @@ class SSHProvider:
             return
         with tempfile.TemporaryDirectory(prefix="cb-agent-") as d:
             sock = os.path.join(d, "agent.sock")
-            agent = subprocess.Popen(["ssh-agent", "-D", "-a", sock], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+            # The agent holds the key: it must not outlive a harness killed with -9. ssh-agent is set-gid, which
+            # clears a parent-death signal, so a shell holds it (setpriv: the kernel sends the shell SIGTERM when
+            # the harness dies) and stops the agent on SIGTERM, from the harness or from the kernel.
+            cmd = ["ssh-agent", "-D", "-a", sock]
+            if shutil.which("setpriv"):
+                cmd = ["setpriv", "--pdeathsig", "TERM", "--", "sh", "-c",
+                       'ssh-agent -D -a "$0" & a=$!; trap \'kill $a\' TERM INT; wait $a', sock]
+            agent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 env["SSH_AUTH_SOCK"] = sock
                 deadline = time.monotonic() + 10
