@@ -24,7 +24,7 @@ def ids(fingerprints: dict) -> dict:
     """Sample columns for one point from its nodes' fingerprints (host -> fingerprint); all None without any."""
     if not fingerprints:
         return {"cpu_model": None, "hardware_id": None, "software_id": None, "heterogeneous": None}
-    hw = {_digest(sysinfo.hardware_key(fp)) for fp in fingerprints.values()}
+    hw = _hardware_ids(fingerprints)
     sw = {_digest(sysinfo.software_key(fp)) for fp in fingerprints.values()}
     cpus = sorted({(fp.get("cpu") or {}).get("model") or "unknown CPU" for fp in fingerprints.values()})
     return {"cpu_model": " + ".join(cpus), "hardware_id": next(iter(hw)) if len(hw) == 1 else MIXED,
@@ -64,10 +64,14 @@ def differences(base_nodes: dict, cur_nodes: dict) -> list:
     return out
 
 
+def _hardware_ids(nodes: dict) -> set:
+    return {_digest(sysinfo.hardware_key(fp)) for fp in nodes.values()}
+
+
 def heterogeneous(nodes: dict) -> bool:
-    return len({_digest(sysinfo.hardware_key(fp)) for fp in nodes.values()}) > 1
+    return len(_hardware_ids(nodes)) > 1
 
 
-def summary_lines(store) -> list:
-    """One line per node: host and what it is."""
-    return [f"{host}: {sysinfo.summary(fp)}" for host, fp in sorted(nodes(store).items())]
+def summary_lines(nodes: dict) -> list:
+    """One line per node (host -> fingerprint): host and what it is."""
+    return [f"{host}: {sysinfo.summary(fp)}" for host, fp in sorted(nodes.items())]

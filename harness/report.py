@@ -250,8 +250,8 @@ def html_report(agg, pngs, title="cloudbench report"):
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:48%;margin:1em 1% 0 0}"
             f"</style></head><body><h1>{html.escape(title)}</h1><table><tr>{head}</tr>{body}</table>{imgs}"
-            "<p>Efficiency E(N) = thr(N) / (N thr(1)); spread = (max - min) / median over repetitions; cost from "
-            "the price recorded at launch.</p><h2>Machines</h2><pre>"
+            "<p>Efficiency E(N) = thr(N) / (N thr(1)); 95% CI +-% = half the 95 % t-interval of the mean log "
+            "throughput over the repetitions, relative; cost from the price recorded at launch.</p><h2>Machines</h2><pre>"
             + html.escape("\n".join(agg.attrs.get("machines") or [])) + "</pre></body></html>\n")
 
 
@@ -264,7 +264,7 @@ def machines_section(run_dirs) -> list:
     for d in run_dirs:
         store = RunStore.open(d)
         nodes = machines.nodes(store)
-        lines.append(f"- {store.run_id}: " + ("; ".join(machines.summary_lines(store)) if nodes
+        lines.append(f"- {store.run_id}: " + ("; ".join(machines.summary_lines(nodes)) if nodes
                                               else "no fingerprint recorded (a run from before fingerprints)"))
         if machines.heterogeneous(nodes):
             lines.append("  - HETEROGENEOUS FLEET: its nodes differ in hardware; its figures mix machines")

@@ -298,13 +298,15 @@ BACKENDS = {b.name: b for b in (Local, Ssh, Slurm, Terraform, OpenStack, Aws, Ex
 
 
 def agents() -> set:
-    """PIDs of the per-launch ssh-agents of the ssh-based providers (they hold a key; they carry no run id)."""
+    """PIDs of orphaned per-launch ssh-agents (cb-agent-*: they hold a key and carry no run id): whose parent
+    died, as a harness killed with -9 would leave them. Live ones belong to a running harness or emulator."""
     out = set()
     for d in Path("/proc").iterdir():
         try:
-            if d.name.isdigit() and b"cb-agent-" in (d / "cmdline").read_bytes() and \
-                    (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                out.add(int(d.name))
+            if d.name.isdigit() and b"cb-agent-" in (d / "cmdline").read_bytes():
+                state, ppid = (d / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+                if state != "Z" and ppid == "1":
+                    out.add(int(d.name))
         except OSError:
             pass
     return out
@@ -486,7 +488,7 @@ def cell(backend, phase, results, how="sigint"):
         deadline = time.monotonic() + 10  # processes signalled by the teardown may take a moment to go
         while True:
             row["leftovers"], row["processes"] = backend.leftovers(run_id), processes(run_id)
-            row["processes"] += [f"pid {p}: an ssh-agent the run started" for p in agents() - agents_before]
+            row["processes"] += [f"pid {p}: an orphaned ssh-agent" for p in agents() - agents_before]
             if not (row["leftovers"] or row["processes"]) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)

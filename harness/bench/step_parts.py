@@ -75,13 +75,6 @@ def _steps(metrics):
         return []
 
 
-def group(name):
-    if name.startswith("tf_"):
-        return "TensorFlow compute pools (" + name.split("/")[0] + ")"
-    return {"python3": "Python main thread and Horovod's background loop (unnamed: python3)"}.get(
-        name, f"other ({name})")
-
-
 def sampled_run(ranks, args, d):
     """Run the N-rank trainer; CPU seconds per thread group over the measured steps, and the summary."""
     metrics = Path(d) / f"train-{ranks}.jsonl"

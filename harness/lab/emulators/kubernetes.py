@@ -677,9 +677,8 @@ class KubeEmulator:
             name = f"{job.name}-worker-{i}"
             if name not in present and i not in job.evicted:
                 job.evicted.add(i)
-                others = {x["name"] for j in self.jobs.values() if j is not job and j.phase == "running"
-                          for x in j.hosts}
-                if h["name"] in others or any(x["name"] == h["name"] for x in job.hosts[:i] + job.hosts[i + 1:]):
+                if h["name"] in self._hosts_of_other_jobs(job) or \
+                        any(x["name"] == h["name"] for x in job.hosts[:i] + job.hosts[i + 1:]):
                     _kill_marked(h, job.uid)  # the host also runs other pods: only this job's processes
                 else:
                     labhost.kill_sessions(h)
@@ -928,6 +927,10 @@ class KubeEmulator:
             shutil.rmtree(job.agent_dir, ignore_errors=True)
             job.agent_dir = None
 
+    def _hosts_of_other_jobs(self, job):
+        """Names of the lab hosts that other running jobs use (their processes there must be spared)."""
+        return {h["name"] for j in self.jobs.values() if j is not job and j.phase == "running" for h in j.hosts}
+
     def _kill(self, job):
         """Kill the launcher session and what it started on the job's lab hosts."""
         if job.proc is not None and job.proc.poll() is None:
@@ -940,7 +943,7 @@ class KubeEmulator:
                 job.proc.wait(5)
             except subprocess.TimeoutExpired:
                 pass
-        others = {h["name"] for j in self.jobs.values() if j is not job and j.phase == "running" for h in j.hosts}
+        others = self._hosts_of_other_jobs(job)
         for h in {h["name"]: h for h in job.hosts}.values():
             if h["name"] in others:
                 _kill_marked(h, job.uid)  # shared with another job: only this job's processes
