@@ -413,8 +413,9 @@ def moment(backend, phase, run_dir, proc):
     elif phase in ("mid-point", "teardown"):  # the ranks run the trainer (its steps, where they stream back)
         _until("the first point's trainer", lambda: at_point() and (
             _steps(run_dir) > 0 or _trainer_running(run_dir.name)), proc, 600)
-        if backend.hold_mid:
-            backend.arm(backend.hold_mid)
+        if backend.hold_mid and phase == "mid-point":  # not for teardown: a mid-point call still held there
+            backend.arm(backend.hold_mid)                # would pass for the teardown's, and two signals sent
+                                                         # before Python runs its handler are delivered as one
             _until("an API call during the point to be held", backend.holding, proc, 120)
     elif phase == "between-points":
         _until("the first point's sample", lambda: _samples(run_dir) >= 1, proc, 900)
@@ -461,7 +462,8 @@ def cell(backend, phase, results, how="sigint"):
             row["landed"] = _stage(run_dir)
             if phase == "teardown":
                 if backend.hold_down:  # inside a teardown call, for certain
-                    _until("a teardown call to be held", backend.holding, proc, EXIT_BOUND_S)
+                    _until("a teardown call to be held", lambda: _order(run_dir) >= ORDER.index("teardown")
+                           and backend.holding(), proc, EXIT_BOUND_S)
                     row["landed"] += " + teardown call"
                 else:  # teardowns without an API call last milliseconds: right behind the first signal
                     time.sleep(0.05)
@@ -496,17 +498,27 @@ def cell(backend, phase, results, how="sigint"):
         state = json.loads((run_dir / "run.json").read_text()).get("state") if (run_dir / "run.json").exists() else None
         row["state"] = state
     if how == "worker":  # the point failed in bound naming the node, the run ended by itself, nothing left
-        row["ok"] = (not row["note"] and row["exit"] in (0, 1) and row["seconds"] <= WORKER_BOUND_S
-                     and not row["leftovers"] and not row["processes"])
+        why = [w for w, bad in ((f"exit {row['exit']}, not 0 or 1", row["exit"] not in (0, 1)),
+                                (f"took more than {WORKER_BOUND_S} s", (row["seconds"] or 0) > WORKER_BOUND_S),
+                                ("leftovers", row["leftovers"] or row["processes"])) if bad]
+        if why and not row["note"]:
+            row["note"] = "; ".join(why)
+        row["ok"] = not row["note"]
         if not row["ok"]:
             row["stderr"] = err[-1500:]
         return row
-    expected = None if how == "kill9" else 130
-    row["ok"] = (not row["note"] and row["exit"] == (expected if expected is not None else -signal.SIGKILL)
-                 and not row["leftovers"] and not row["processes"]
-                 and (how == "kill9" or row["seconds"] <= EXIT_BOUND_S * (2 if phase == "teardown" else 1))
-                 and (phase != "between-points" or row["kept_points"] >= 1)
-                 and (phase != "teardown" or not backend.hold_down or "ignored while the fleet is torn down" in err))
+    expected = -signal.SIGKILL if how == "kill9" else 130
+    bound = EXIT_BOUND_S * (2 if phase == "teardown" else 1)
+    why = [w for w, bad in (
+        (f"exit {row['exit']}, not {expected}", row["exit"] != expected),
+        ("leftovers", row["leftovers"] or row["processes"]),
+        (f"took more than {bound} s", how != "kill9" and (row["seconds"] or 0) > bound),
+        ("no finished point kept", phase == "between-points" and row["kept_points"] < 1),
+        ("the second signal was not reported", phase == "teardown" and how == "sigint" and backend.hold_down
+         and "ignored while the fleet is torn down" not in err)) if bad]
+    if why and not row["note"]:
+        row["note"] = "; ".join(why)
+    row["ok"] = not row["note"]
     if not row["ok"]:
         row["stderr"] = err[-1500:]
     return row
