@@ -321,7 +321,7 @@ def cmd_lab(args):
 
     if args.action == "up":
         out = lab.up(hosts=args.hosts, bandwidth=args.bandwidth, name=args.name, slots=args.slots,
-                     emulate=tuple(args.emulate or ()))
+                     emulate=tuple(args.emulate or ()), openstack=args.openstack)
     elif args.action == "down":
         out = lab.down(args.name)
     elif args.action == "env":
@@ -495,6 +495,9 @@ def parser():
             a.add_argument("--slots", type=int, default=None, help="ranks per host (default: this machine's cores / hosts, at least 1)")
             a.add_argument("--emulate", action="append", choices=["openstack", "aws", "exoscale", "kubernetes"],
                            help="also start a cloud API emulator whose servers are the lab hosts (repeatable)")
+            a.add_argument("--openstack", choices=["emulated", "real"], default=None,
+                           help="an OpenStack whose servers are the lab hosts: the emulator (same as --emulate "
+                                "openstack) or real Keystone, Nova, Neutron, Glance and Placement (docs/lab.md)")
         a.set_defaults(fn=cmd_lab)
 
     e = sub.add_parser("env", help="show this machine's fingerprint and TensorFlow/Horovod/CPU/GPU environment")

@@ -81,9 +81,14 @@ def preflight():
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
 
 
-def up(hosts=2, bandwidth=None, name="lab", slots=None, emulate=()):
-    """Create the lab (and the cloud APIs named in ``emulate``); returns its status. Undoes everything on failure."""
-    emulate = tuple(dict.fromkeys(emulate or ()))
+def up(hosts=2, bandwidth=None, name="lab", slots=None, emulate=(), openstack=None):
+    """Create the lab (and the cloud APIs named in ``emulate``; ``openstack="real"``: a real OpenStack control
+    plane, harness.lab.openstack); returns its status. Undoes everything on failure."""
+    if openstack not in (None, "emulated", "real"):
+        raise LabError(f"invalid --openstack {openstack!r} (expected emulated or real)")
+    emulate = tuple(dict.fromkeys((*(emulate or ()), *(["openstack"] if openstack == "emulated" else []))))
+    if openstack == "real" and "openstack" in emulate:
+        raise LabError("--openstack real and --emulate openstack both want the lab's OpenStack: choose one")
     for kind in emulate:
         if kind not in EMULATORS:
             raise LabError(f"unknown emulator {kind!r} (expected one of: {', '.join(EMULATORS)})")
@@ -128,6 +133,16 @@ def up(hosts=2, bandwidth=None, name="lab", slots=None, emulate=()):
         (d / "state.json").write_text(json.dumps(state, indent=1))
         for kind in emulate:  # they read state.json, so after it is written
             _emulator_up(d, state, kind)
+            (d / "state.json").write_text(json.dumps(state, indent=1))
+        if openstack == "real":
+            from harness.lab.openstack import control
+
+            state.setdefault("emulators", {})["openstack"] = {"real": True}  # so that a failure below is undone
+            rec = control.up(state)
+            state["emulators"]["openstack"] = {
+                "real": True, "url": f"http://127.0.0.1:{rec['ports']['nova']}/v2.1",
+                "auth_url": f"http://127.0.0.1:{rec['ports']['keystone']}/v3", "clouds_yaml": rec["clouds_yaml"],
+                "dir": rec["dir"], "start_seconds": rec["start_seconds"], "rss_mb": rec["rss_mb"]}
             (d / "state.json").write_text(json.dumps(state, indent=1))
     except BaseException:
         _teardown(state)
@@ -380,6 +395,9 @@ def _teardown(state):
     """Remove what ``state`` says exists; ignores what is already gone."""
     if state.get("name"):
         _emulators_down(state["name"], state)  # first: they act on the hosts
+        from harness.lab.openstack import control
+
+        control.down(state["name"])  # a real control plane's processes (found by their mark; none: no cost)
     for h in state.get("hosts", []):
         if not h.get("netns_created", True):
             continue  # its namespace was never made by us (up failed there): not ours to delete
@@ -434,8 +452,14 @@ def status(name="lab"):
         hosts.append({"name": h["name"], "address": h["address"], "port": 22, "netns": h["netns"],
                       "slots": h["slots"], "cpus": h.get("cpus"), "rate": state["bandwidth"] or "unlimited",
                       "sshd": bool(alive)})
-    emulators = {kind: {**{k: v for k, v in e.items() if k not in ("pid", "log")},
-                        "alive": bool(e.get("pid")) and e["pid"] in _emulator_pids(name, state) and _alive(e["pid"])}
+    def alive(e):
+        if e.get("real"):
+            from harness.lab.openstack import control
+
+            return bool(control.pids(name))
+        return bool(e.get("pid")) and e["pid"] in _emulator_pids(name, state) and _alive(e["pid"])
+
+    emulators = {kind: {**{k: v for k, v in e.items() if k not in ("pid", "log")}, "alive": alive(e)}
                  for kind, e in (state.get("emulators") or {}).items()}
     return {"name": name, "up": True, "subnet": state["subnet"], "bridge": state["bridge"], "hosts": hosts,
             "inventory": state["inventory"], "key": str(d / "id_ed25519"), "known_hosts": str(d / "known_hosts"),

@@ -8,6 +8,7 @@ host's network namespace except its sshd listener, as deleting a VM would.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -64,6 +65,34 @@ def fake_host_key():
 def host_key(host):
     """The lab host's SSH host key line."""
     return (Path(host["dir"]) / "hostkey.pub").read_text().strip()
+
+
+def console_lines(name, address, key, has_key, created, launched=None):
+    """A VM's console log as cloud-init prints it: boot lines, then (once ``launched``) the network, the
+    authorized keys and the SSH host key block that providers read host keys from."""
+    blob = key.split()[1]
+    fp = base64.b64encode(hashlib.sha256(base64.b64decode(blob)).digest()).decode().rstrip("=")
+    lines = ["[    0.000000] Linux version 6.1.0-cloud-amd64 (cloudbench-lab) #1 SMP",
+             "[    0.000000] Command line: BOOT_IMAGE=/vmlinuz root=LABEL=cloudimg-rootfs ro console=ttyS0",
+             "[    1.234567] EXT4-fs (vda1): mounted filesystem with ordered data mode.",
+             f"Cloud-init v. 23.1.2 running 'init-local' at {created}. Up 3.01 seconds."]
+    if launched:
+        lines += [f"Cloud-init v. 23.1.2 running 'init' at {launched}. Up 4.52 seconds.",
+                  "ci-info: ++++++++++++++++++++++++++++Net device info+++++++++++++++++++++++++++++",
+                  f"ci-info: | eth0 | True | {address} | 255.255.255.0 | global | fa:16:3e:00:00:00 |",
+                  "Generating public/private ed25519 key pair.",
+                  f"Cloud-init v. 23.1.2 running 'modules:config' at {launched}. Up 6.10 seconds.",
+                  "ci-info: ++++++++Authorized keys from /root/.ssh/authorized_keys for user root+++++++++" if has_key
+                  else "ci-info: no authorized SSH keys fingerprints found for user root.",
+                  "-----BEGIN SSH HOST KEY FINGERPRINTS-----",
+                  f"256 SHA256:{fp} root@{name} (ED25519)",
+                  "-----END SSH HOST KEY FINGERPRINTS-----",
+                  "-----BEGIN SSH HOST KEY KEYS-----",
+                  key,
+                  "-----END SSH HOST KEY KEYS-----",
+                  f"Cloud-init v. 23.1.2 finished at {launched}. Datasource DataSourceOpenStackLocal "
+                  "[net,ver=2].  Up 7.95 seconds"]
+    return lines
 
 
 def write_atomic(path, text):

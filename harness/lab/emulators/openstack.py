@@ -1180,29 +1180,8 @@ class OpenStackEmulator:
     def _console(self, s, length):
         if s["status"] == "ERROR" or not s["host"]:
             raise nova_error(409, f"Instance {s['id']} is not ready")
-        key = s["host_key"]
-        blob = key.split()[1]
-        fp = base64.b64encode(hashlib.sha256(base64.b64decode(blob)).digest()).decode().rstrip("=")
-        lines = ["[    0.000000] Linux version 6.1.0-cloud-amd64 (cloudbench-emulator) #1 SMP",
-                 "[    0.000000] Command line: BOOT_IMAGE=/vmlinuz root=LABEL=cloudimg-rootfs ro console=ttyS0",
-                 "[    1.234567] EXT4-fs (vda1): mounted filesystem with ordered data mode.",
-                 f"Cloud-init v. 23.1.2 running 'init-local' at {s['created']}. Up 3.01 seconds."]
-        if s["status"] in ("ACTIVE", "SHUTOFF"):
-            lines += [f"Cloud-init v. 23.1.2 running 'init' at {s['launched_at']}. Up 4.52 seconds.",
-                      "ci-info: ++++++++++++++++++++++++++++Net device info+++++++++++++++++++++++++++++",
-                      f"ci-info: | eth0 | True | {s['address']} | 255.255.255.0 | global | fa:16:3e:00:00:00 |",
-                      "Generating public/private ed25519 key pair.",
-                      "Cloud-init v. 23.1.2 running 'modules:config' at " + s["launched_at"] + ". Up 6.10 seconds.",
-                      "ci-info: no authorized SSH keys fingerprints found for user root." if not s["key_data"] else
-                      "ci-info: ++++++++Authorized keys from /root/.ssh/authorized_keys for user root+++++++++",
-                      "-----BEGIN SSH HOST KEY FINGERPRINTS-----",
-                      f"256 SHA256:{fp} root@{s['name']} (ED25519)",
-                      "-----END SSH HOST KEY FINGERPRINTS-----",
-                      "-----BEGIN SSH HOST KEY KEYS-----",
-                      key,
-                      "-----END SSH HOST KEY KEYS-----",
-                      f"Cloud-init v. 23.1.2 finished at {s['launched_at']}. Datasource DataSourceOpenStackLocal "
-                      "[net,ver=2].  Up 7.95 seconds"]
+        lines = labhost.console_lines(s["name"], s["address"], s["host_key"], bool(s["key_data"]), s["created"],
+                                      s["launched_at"] if s["status"] in ("ACTIVE", "SHUTOFF") else None)
         try:
             n = int(length) if length is not None else -1
         except (TypeError, ValueError):
