@@ -8,13 +8,14 @@ import pytest
 from harness.lab import hosts as lab
 
 
-def lab_cloud(name, kind, hosts=2):
-    """Generator for a module fixture: lab ``name`` with emulator ``kind`` and ``cloudbench lab env`` in this
-    process's environment (so the cloudbench processes the tests start see it too); all undone after."""
+def lab_cloud(name, kind, hosts=2, real=False):
+    """Generator for a module fixture: lab ``name`` with emulator ``kind`` (``real``: the real OpenStack control
+    plane instead) and ``cloudbench lab env`` in this process's environment (so the cloudbench processes the
+    tests start see it too); all undone after."""
     if os.geteuid() != 0:
         pytest.skip("the lab needs root")
     lab.down(name)
-    st = lab.up(hosts=hosts, name=name, slots=1, emulate=(kind,))
+    st = lab.up(hosts=hosts, name=name, slots=1, **({"openstack": "real"} if real else {"emulate": (kind,)}))
     env = lab.env(name)
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

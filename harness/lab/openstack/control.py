@@ -49,6 +49,7 @@ SERVICES = ("keystone", "placement", "glance", "neutron", "nova")  # under uWSGI
 FLAVORS = [("m1.small", 1, 2048, 20, {}),
            ("lab.cpu", "s", 2048, 20, {}),
            ("g2.lab", "s", 4096, 40, {"resources:VGPU": "s"}),
+           ("c1.huge", 16, 32768, 100, {}),  # within the default quota (20 cores), larger than any lab host
            # Larger than any lab host: the scheduler itself answers "No valid host".
            ("p1.v100x8", 64, 491520, 500, {"pci_passthrough:alias": "nvidia-v100:8"}),
            ("p2.a100x4", 32, 245760, 500, {"resources:PGPU": "4"})]
