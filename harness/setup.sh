@@ -30,7 +30,10 @@ command -v ssh >/dev/null || need_apt+=(openssh-client)
 # The tests' Slurm cluster is slurmctld + slurmd (+ munge) from Debian's slurm-wlm.
 case ",$extras," in *,test,*)
   [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
-  [ -x /usr/sbin/slurmctld ] || need_apt+=(slurm-wlm) ;;
+  [ -x /usr/sbin/slurmctld ] || need_apt+=(slurm-wlm)
+  # The lab's real OpenStack (cloudbench lab up --openstack real): its message queue and database.
+  [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need_apt+=(rabbitmq-server)
+  [ -x /usr/lib/postgresql/15/bin/postgres ] || need_apt+=(postgresql-15) ;;
 esac
 command -v ip >/dev/null || need_apt+=(iproute2)
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -38,7 +41,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     log "missing system packages: ${need_apt[*]} (install them with apt-get as root, then re-run)"; exit 1
   fi
   log "apt-get install ${need_apt[*]}"
+  # Services packaged with start scripts (rabbitmq, postgresql, sshd) must not start here: the lab runs its own.
+  policy=/usr/sbin/policy-rc.d; own_policy=
+  if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; own_policy=1; fi
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  [ -z "$own_policy" ] || rm -f "$policy"
 fi
 
 # 2. The virtualenv.
@@ -80,4 +87,9 @@ else
   "${pip[@]}" cloudpickle psutil pyyaml packaging
   "$py" -c 'import horovod.tensorflow as hvd; print("[setup] horovod", hvd.__version__ if hasattr(hvd, "__version__") else "ok")' >&2
 fi
+# 5. With --test, as root: the real OpenStack control plane's venv (OpenStack 2026.2 from a pinned lock; about
+#    2 minutes, once per lock: kept in /var/cache/cloudbench-lab).
+case ",$extras," in *,test,*)
+  if [ "$(id -u)" -eq 0 ]; then (cd "$here" && "$py" -m harness.lab.openstack.control install); fi ;;
+esac
 log "ready: $venv"

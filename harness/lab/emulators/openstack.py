@@ -76,7 +76,7 @@ NO_LAB_SUBNET = "10.213.0.0/24"
 FLOATING_RANGE = "198.18.{}.0/24"
 TOKEN_SECONDS = 3600
 USER, PASSWORD, PROJECT, DOMAIN = "cloudbench", "cloudbench-lab", "cloudbench", "Default"
-NO_VALID_HOST = "No valid host was found. There are not enough hosts available."
+NO_VALID_HOST = "No valid host was found. "  # as Nova 2026.2 writes the fault (older Novas added a reason)
 NET_FAILED = "Build of instance {} aborted: Failed to allocate the network(s), not rescheduling."
 
 # The fault switches. Each is armed for the next `count` occurrences (0 disarms).

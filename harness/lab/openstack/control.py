@@ -645,3 +645,20 @@ def arm_fault(lab_dir, name, count=1):
     faults = json.loads(path.read_text() or "{}") if path.exists() else {}
     faults[name] = count
     path.write_text(json.dumps(faults))
+
+
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m harness.lab.openstack.control",
+                                 description="install the real OpenStack control plane's parts (venv, RabbitMQ)")
+    ap.add_argument("action", choices=["install"])
+    ap.parse_args(argv)
+    t0 = time.monotonic()
+    v = install(lambda m: print(f"[openstack] {m}", file=sys.stderr, flush=True))
+    print(f"[openstack] ready: {v} ({time.monotonic() - t0:.0f} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
