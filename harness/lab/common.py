@@ -44,3 +44,12 @@ def kubeconfig(url, token, namespace="cloudbench", context="cloudbench-lab"):
             "users": [{"name": context, "user": {"token": token}}],
             "contexts": [{"name": context, "context": {"cluster": context, "user": context, "namespace": namespace}}],
             "current-context": context}
+
+
+def signal_all(pids, sig):
+    """Send ``sig`` to each pid; ones already gone are skipped."""
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass

@@ -37,7 +37,8 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-from harness.lab.common import CLOUD_NAME, STATE_ROOT, LabError, kubeconfig, ssh_command, state_dir, subnet_user
+from harness.lab.common import (CLOUD_NAME, STATE_ROOT, LabError, kubeconfig, signal_all, ssh_command, state_dir,
+                                subnet_user)
 
 SSHD = "/usr/sbin/sshd"
 RATE = re.compile(r"^\d+(\.\d+)?(bit|kbit|mbit|gbit|tbit)$")
@@ -370,11 +371,7 @@ def _alive(pid):
 def _emulators_down(name, state):
     """SIGTERM the lab's emulators (SIGKILL after 5 s) and reap the ones this process started."""
     pids = _emulator_pids(name, state)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    signal_all(pids, signal.SIGTERM)
     deadline = time.monotonic() + 5
     for pid in pids:
         while _alive(pid) and time.monotonic() < deadline:

@@ -36,7 +36,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from harness.lab.common import LabError
+from harness.lab.common import LabError, signal_all
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
@@ -623,19 +623,11 @@ def rss(name):
 def down(name):
     """Stop every process of the control plane (SIGTERM, SIGKILL after 10 s); safe to repeat."""
     found = pids(name)
-    for pid in found:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    signal_all(found, signal.SIGTERM)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and pids(name):
         time.sleep(0.2)
-    for pid in pids(name):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    signal_all(pids(name), signal.SIGKILL)
     return len(found)
 
 
