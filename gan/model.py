@@ -83,9 +83,26 @@ class Keras2BatchNorm(L.Layer):
                                                trainable=False, dtype=tf.float32)
         super().build(input_shape)
 
+    # One FusedBatchNormV3 kernel (oneDNN's where TensorFlow uses it) for training-mode normalisation, instead
+    # of moments + batch_normalization (about ten element-wise passes forward and more backward). Set by the
+    # trainer (--bn); results equal the unfused path to float32 rounding (tests/test_model.py).
+    fused = False
+
     def call(self, x, training=None):
         in_dtype = x.dtype
         x32 = tf.cast(x, tf.float32)
+        if training and self.fused and len(x.shape) == 5:
+            y, mean, var = tf.compat.v1.nn.fused_batch_norm(
+                x32, tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32), epsilon=self.epsilon,
+                data_format="NDHWC", is_training=True)
+            if not self.frozen:
+                # The kernel's variance carries Bessel's correction; Keras 2 (moments) kept the biased one.
+                n = tf.cast(tf.size(x32) // tf.shape(x32)[-1], tf.float32)
+                var = var * (n - 1.0) / n
+                m = self.momentum
+                self.moving_mean.assign(tf.cast(self.moving_mean, tf.float32) * m + mean * (1.0 - m))
+                self.moving_variance.assign(tf.cast(self.moving_variance, tf.float32) * m + var * (1.0 - m))
+            return tf.cast(y, in_dtype)
         if training:
             axes = list(range(len(x.shape) - 1))
             mean, var = tf.nn.moments(x32, axes=axes)

@@ -51,6 +51,9 @@ def parse_args(argv=None):
     ap.add_argument("--loss-weights", default=None, help="comma list, one per D head (default: the authors')")
     ap.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
     ap.add_argument("--xla", action="store_true", help="jit-compile the step (slow for Conv3D on CPUs)")
+    ap.add_argument("--bn", choices=("fused", "keras2"), default="keras2",
+                    help="batch norm in training mode: one fused kernel, or moments + normalisation ops (the same "
+                         "results; see gan.model.Keras2BatchNorm)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads per rank (default cores/ranks)")
     ap.add_argument("--no-pin", action="store_true", help="do not pin each local rank to its own cores")
@@ -344,6 +347,7 @@ def run(args, hold=None) -> dict:
         ml.event(key=ml_const("OPT_NAME"), value="rmsprop")
         ml.event(key=ml_const("OPT_BASE_LR"), value=args.lr * engine.size)
         ml.start(key=ml_const("INIT_START"))
+    gm.Keras2BatchNorm.fused = args.bn == "fused"
     trainer = GANTrainer(args.variant, engine, lr=args.lr, loss_weights=args.loss_weights,
                          precision=args.precision, xla=args.xla, seed=args.seed)
     flops = gm.training_flops_per_sample(trainer.generator, trainer.discriminator)
@@ -410,7 +414,7 @@ def run(args, hold=None) -> dict:
         "allreduce_bytes_per_step": [trainer.gradient_bytes(trainer.discriminator)] * 2
                                     + [trainer.gradient_bytes(trainer.generator)] * 2,
         "achieved_flops_per_s": thr * flops,
-        "precision": args.precision,
+        "precision": args.precision, "bn": args.bn,
         "xla": args.xla,
         "intra_op_threads": intra,
         "cpus_per_rank": len(cpus),

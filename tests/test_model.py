@@ -68,6 +68,28 @@ def test_frozen_batchnorm_uses_batch_stats_but_keeps_moving_stats():
     assert not np.allclose(bn.moving_mean.numpy(), before[0])
 
 
+def test_fused_batchnorm_equals_the_keras2_path():
+    """The fused kernel (--bn fused) normalises, updates the moving statistics (biased variance, as Keras 2)
+    and differentiates as moments + batch_normalization do."""
+    x = tf.random.normal((4, 5, 6, 7, 3), mean=2.0, stddev=3.0, seed=3)
+    w = tf.random.normal(x.shape, seed=4)  # a loss whose gradients are far from zero everywhere
+    out = {}
+    for fused in (False, True):
+        bn = gm.Keras2BatchNorm()
+        bn.fused = fused
+        bn.build(x.shape)
+        bn.gamma.assign([1.5, 0.5, 2.0])
+        bn.beta.assign([0.1, -0.2, 0.3])
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = bn(x, training=True)
+            loss = tf.reduce_sum(y * w)
+        grads = tape.gradient(loss, [x, bn.gamma, bn.beta])
+        out[fused] = [y, bn.moving_mean, bn.moving_variance, *grads]
+    for a, b in zip(out[False], out[True]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
 def test_discriminator_ecal_head_is_the_sum():
     _, d = gm.build("fixed")
     img = tf.random.uniform((3, 25, 25, 25, 1))

@@ -7,7 +7,8 @@ machine it ran on (``machine_line``), since a figure holds only for that machine
 - ``report``: seconds to aggregate and report a million sample rows;
 - ``signals``: the Ctrl-C / kill -9 / dying-worker campaign (provider x phase -> exit code, seconds, leftovers);
 - ``uncertainty``: the default sweep's 95 % intervals at 3 and 5 repetitions;
-- ``step_parts``: where a multi-rank CPU step's time goes, against the scaling model.
+- ``step_parts``: where a multi-rank CPU step's time goes, against the scaling model;
+- ``profile``: where one training step's time goes, by oneDNN primitive class (convolutions, reorders, ...).
 """
 from __future__ import annotations
 

@@ -95,6 +95,19 @@ def console_lines(name, address, key, has_key, created, launched=None):
     return lines
 
 
+def floating_ip_commands(host, hosts, address, on):
+    """The ``ip`` commands that make a floating IP reach ``host`` (or stop): the address on the host's interface
+    (its sshd listens on every address of its namespace), routed there from this machine and from every other
+    lab host (a cloud's hairpin; Horovod probes every address a host has)."""
+    addr = address + "/32"
+    peers = [["-n", h["netns"]] for h in hosts if h["netns"] != host["netns"]]
+    if on:
+        return [["ip", "-n", host["netns"], "addr", "add", addr, "dev", "eth0"],
+                *(["ip", *ns, "route", "replace", addr, "via", host["address"]] for ns in [[], *peers])]
+    return [*(["ip", *ns, "route", "del", addr] for ns in [[], *peers]),
+            ["ip", "-n", host["netns"], "addr", "del", addr, "dev", "eth0"]]
+
+
 def write_atomic(path, text):
     """Replace a file in one step (sshd may read authorized_keys at any moment)."""
     tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.{threading.get_ident()}")

@@ -1706,22 +1706,13 @@ class OpenStackEmulator:
 
     # floating IPs
     def _route(self, fip, on):
-        """Make a lab-backed floating IP reachable, as a cloud's router would: the address is added to the lab
-        host's interface (its sshd listens on every address of its namespace) and routed there from this
-        machine and from every other lab host (a cloud's hairpin; Horovod probes every address a host has)."""
+        """Make a lab-backed floating IP reachable, as a cloud's router would (labhost.floating_ip_commands)."""
         port = self.ports.get(fip.get("port_id") or "")
         s = self.servers.get(port["device_id"]) if port else None
         host = self._lab_host(s) if s else None
         if not host:
             return
-        addr = fip["floating_ip_address"] + "/32"
-        peers = [["-n", h["netns"]] for h in self.hosts if h is not host]
-        if on:
-            cmds = [["ip", "-n", host["netns"], "addr", "add", addr, "dev", "eth0"],
-                    *(["ip", *ns, "route", "replace", addr, "via", host["address"]] for ns in [[], *peers])]
-        else:
-            cmds = [*(["ip", *ns, "route", "del", addr] for ns in [[], *peers]),
-                    ["ip", "-n", host["netns"], "addr", "del", addr, "dev", "eth0"]]
+        cmds = labhost.floating_ip_commands(host, self.hosts, fip["floating_ip_address"], on)
         for c in cmds:
             subprocess.run(c, capture_output=True)
 

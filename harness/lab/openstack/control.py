@@ -6,6 +6,7 @@ environment so that ``lab down`` finds every one of them, workers and epmd inclu
 - RabbitMQ (Debian's ``rabbitmq-server``, as a plain process with its own node name, ports and data dir);
 - Keystone, Placement, Glance, Neutron and the Nova API, each under uWSGI (one process, two threads);
 - nova-conductor, nova-scheduler and one nova-compute per lab host (``nova_virt.LabHostDriver``);
+- the lab's floating-IP router (``l3``: what Neutron's L3 agent would do, for lab hosts);
 - PostgreSQL (Debian's, run as the postgres user with its data in the lab's state directory), one database
   per service. SQLite was tried first: Nova's API, conductor and scheduler write the same files from three
   processes and SQLite answered "database is locked" within the first minute, even with a busy timeout.
@@ -185,6 +186,13 @@ class Plane:
                 raise LabError(f"{name} did not answer at {url} within {timeout} s; its log: {self.tail(name)}")
             time.sleep(0.2)
 
+    def wait_log(self, name, text, proc, timeout=30):
+        deadline = time.monotonic() + timeout
+        while text not in self.tail(name, 100000):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise LabError(f"{name} did not start: {self.tail(name)}")
+            time.sleep(0.1)
+
     def tail(self, name, n=1500):
         try:
             return (self.d / "log" / f"{name}.log").read_text(errors="replace")[-n:]
@@ -273,6 +281,10 @@ def up(lab_state, log=print) -> dict:
         _wait_computes(pl, lab_state, procs)
         timings["computes"] = round(time.monotonic() - t0, 1)
         pl.rec["clouds_yaml"] = str(_clouds_yaml(pl))
+        (d / "record.json").write_text(json.dumps(pl.rec, indent=1))
+        # Floating IPs: what an L3 agent would do (it reads record.json for the admin credentials).
+        l3 = pl.start("l3", [sys.executable, "-m", "harness.lab.openstack.l3", "--lab", pl.name])
+        pl.wait_log("l3", "routing floating IPs", l3)
         pl.rec["start_seconds"] = round(time.monotonic() - t0, 1)
         pl.rec["rss_mb"] = round(rss(pl.name) / 2**20)
         (d / "record.json").write_text(json.dumps(pl.rec, indent=1))
