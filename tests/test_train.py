@@ -128,3 +128,14 @@ def test_mllog_file(tmp_path):
         assert key in keys
     stop = json.loads(lines[keys.index("run_stop")][len(":::MLLOG "):])
     assert stop["metadata"]["status"] == "success"
+
+
+def test_precision_auto_chooses_what_was_measured_to_pay_and_says_why():
+    from gan.train import choose_precision
+
+    assert choose_precision("cpu", ["avx512f", "avx512_bf16", "amx_tile", "amx_bf16"])[0] == "bf16"
+    precision, why = choose_precision("cpu", ["avx512f", "avx512_bf16"])
+    assert precision == "fp32" and "no AMX" in why
+    assert choose_precision("cpu", ["avx2"]) == ("fp32", "CPU has no bf16 instructions")
+    assert choose_precision("gpu:A100", gpu_capability=(8, 0))[0] == "bf16"
+    assert choose_precision("gpu:V100", gpu_capability=(7, 0))[0] == "fp32"
