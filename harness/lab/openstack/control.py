@@ -58,12 +58,22 @@ PCI_ALIASES = [{"name": "nvidia-v100", "vendor_id": "10de", "product_id": "1db4"
 
 
 # ------------------------------------------------------------------------------------------- install
+def _stderr(message):
+    print(f"[openstack] {message}", file=sys.stderr, flush=True)
+
+
+def _write_private(path, text):
+    """Written readable by root only: the record holds the lab's admin and service passwords."""
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(text)
+
+
 def venv_dir() -> Path:
     digest = hashlib.sha256(LOCK.read_bytes()).hexdigest()[:12]
     return Path(os.environ.get("CLOUDBENCH_OPENSTACK_VENV") or f"/var/cache/cloudbench-lab/openstack-{digest}")
 
 
-def install(log=print) -> Path:
+def install(log=_stderr) -> Path:
     """The OpenStack venv (made from lock.txt when missing) and RabbitMQ (apt) ; returns the venv."""
     if not Path("/usr/lib/rabbitmq/bin/rabbitmq-server").exists():
         log("installing rabbitmq-server (apt)")
@@ -128,7 +138,7 @@ def _ini(sections) -> str:
 class Plane:
     """One lab's control plane: its directory, ports, processes and admin API access."""
 
-    def __init__(self, lab_state, log=print):
+    def __init__(self, lab_state, log=_stderr):
         self.lab = lab_state
         self.name = lab_state["name"]
         self.d = Path(lab_state["dir"]) / "openstack"
@@ -228,7 +238,7 @@ class Plane:
 
 
 # ------------------------------------------------------------------------------------------- up
-def up(lab_state, log=print) -> dict:
+def up(lab_state, log=_stderr) -> dict:
     """Start the control plane for a lab whose hosts are up; returns its record (for the lab's state.json)."""
     t0 = time.monotonic()
     install(log)
@@ -281,13 +291,13 @@ def up(lab_state, log=print) -> dict:
         _wait_computes(pl, lab_state, procs)
         timings["computes"] = round(time.monotonic() - t0, 1)
         pl.rec["clouds_yaml"] = str(_clouds_yaml(pl))
-        (d / "record.json").write_text(json.dumps(pl.rec, indent=1))
+        _write_private(d / "record.json", json.dumps(pl.rec, indent=1))
         # Floating IPs: what an L3 agent would do (it reads record.json for the admin credentials).
         l3 = pl.start("l3", [sys.executable, "-m", "harness.lab.openstack.l3", "--lab", pl.name])
         pl.wait_log("l3", "routing floating IPs", l3)
         pl.rec["start_seconds"] = round(time.monotonic() - t0, 1)
         pl.rec["rss_mb"] = round(rss(pl.name) / 2**20)
-        (d / "record.json").write_text(json.dumps(pl.rec, indent=1))
+        _write_private(d / "record.json", json.dumps(pl.rec, indent=1))
     except BaseException:
         down(pl.name)
         raise
@@ -659,7 +669,7 @@ def main(argv=None):
     ap.add_argument("action", choices=["install"])
     ap.parse_args(argv)
     t0 = time.monotonic()
-    v = install(lambda m: print(f"[openstack] {m}", file=sys.stderr, flush=True))
+    v = install()
     print(f"[openstack] ready: {v} ({time.monotonic() - t0:.0f} s)", file=sys.stderr)
     return 0
 
