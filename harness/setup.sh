@@ -33,7 +33,7 @@ case ",$extras," in *,test,*)
   [ -x /usr/sbin/slurmctld ] || need_apt+=(slurm-wlm)
   # The lab's real OpenStack (cloudbench lab up --openstack real): its message queue and database.
   [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need_apt+=(rabbitmq-server)
-  [ -x /usr/lib/postgresql/15/bin/postgres ] || need_apt+=(postgresql-15) ;;
+  ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need_apt+=(postgresql) ;;
 esac
 command -v ip >/dev/null || need_apt+=(iproute2)
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -42,10 +42,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
   log "apt-get install ${need_apt[*]}"
   # Services packaged with start scripts (rabbitmq, postgresql, sshd) must not start here: the lab runs its own.
-  policy=/usr/sbin/policy-rc.d; own_policy=
-  if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; own_policy=1; fi
+  policy=/usr/sbin/policy-rc.d
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT  # gone even when apt-get fails (set -e)
+  fi
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
-  [ -z "$own_policy" ] || rm -f "$policy"
 fi
 
 # 2. The virtualenv.

@@ -4,11 +4,11 @@ What runs (all on 127.0.0.1, as root, each process marked with ``CLOUDBENCH_LAB_
 environment so that ``lab down`` finds every one of them, workers and epmd included):
 
 - RabbitMQ (Debian's ``rabbitmq-server``, as a plain process with its own node name, ports and data dir);
-- Keystone, Placement, Glance, Neutron and the Nova API, each under uWSGI (one process, two threads);
+- Keystone, Placement, Glance, Neutron and the Nova API, each under uWSGI (one worker process);
 - nova-conductor, nova-scheduler and one nova-compute per lab host (``nova_virt.LabHostDriver``);
 - the lab's floating-IP router (``l3``: what Neutron's L3 agent would do, for lab hosts);
-- PostgreSQL (Debian's, run as the postgres user with its data in the lab's state directory), one database
-  per service. SQLite was tried first: Nova's API, conductor and scheduler write the same files from three
+- PostgreSQL (Debian's, run as the postgres user with its data in the lab's state directory, password
+  authentication), one database per service. SQLite was tried first: Nova's API, conductor and scheduler write the same files from three
   processes and SQLite answered "database is locked" within the first minute, even with a busy timeout.
 
 The services come from PyPI (OpenStack 2026.2, pinned by ``lock.txt``) in a venv of their own, kept in
@@ -75,22 +75,46 @@ def venv_dir() -> Path:
 
 def install(log=_stderr) -> Path:
     """The OpenStack venv (made from lock.txt when missing) and RabbitMQ (apt) ; returns the venv."""
-    if not Path("/usr/lib/rabbitmq/bin/rabbitmq-server").exists():
-        log("installing rabbitmq-server (apt)")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        p = subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "rabbitmq-server"],
-                           capture_output=True, text=True, env=env)
-        if p.returncode != 0:
-            subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
-            p = subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "rabbitmq-server"],
-                               capture_output=True, text=True, env=env)
-        if p.returncode != 0:
-            raise LabError(f"could not install rabbitmq-server with apt-get: {p.stderr.strip()[-400:]}")
+    need = [pkg for pkg, path in (("rabbitmq-server", Path("/usr/lib/rabbitmq/bin/rabbitmq-server")),
+                                  ("postgresql", None)) if (path and not path.exists()) or (not path and not pg_bin())]
+    if need:
+        _apt_install(need, log)
     v = venv_dir()
-    if not (v / ".complete").exists():
+    done = v / ".complete"
+    if not done.exists() or done.read_text() != LOCK.read_text():
         _build_venv(v, log)
     _plugins(v)
     return v
+
+
+def _apt_install(packages, log):
+    """apt-get install, with a policy-rc.d that keeps the packages' services from starting (the lab runs its
+    own RabbitMQ and PostgreSQL; a system one started here would outlive `lab down`)."""
+    log(f"installing {' '.join(packages)} (apt)")
+    policy = Path("/usr/sbin/policy-rc.d")
+    own = not policy.exists()
+    if own:
+        policy.write_text("#!/bin/sh\nexit 101\n")
+        policy.chmod(0o755)
+    try:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if p.returncode != 0:
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if p.returncode != 0:
+            raise LabError(f"could not install {' '.join(packages)} with apt-get: {p.stderr.strip()[-400:]}")
+    finally:
+        if own:
+            policy.unlink(missing_ok=True)
+
+
+def pg_bin():
+    """The newest PostgreSQL server's bin directory (Debian/Ubuntu layout), or None."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parts[-3])
+                   if p.parts[-3].isdigit() else 0)
+    return found[-1].parent if found else None
 
 
 def _build_venv(v, log):
@@ -145,6 +169,7 @@ class Plane:
         self.log = log
         self.venv = venv_dir()
         self.rec = {"dir": str(self.d), "venv": str(self.venv), "ports": {}, "pids": {}}
+        self.sessions = {}
         self.token = None
 
     # --- processes
@@ -167,9 +192,11 @@ class Plane:
             p = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=out,
                                  stderr=subprocess.STDOUT, env=self.env(**env), cwd=self.d, start_new_session=True)
         self.rec["pids"][name] = p.pid
-        # Recorded at once: its session finds every process it forks (oslo.service rewrites a worker's process
-        # title over its environment, where the mark was), even for a `lab down` after this process died.
-        (self.d / "pids.json").write_text(json.dumps(self.rec["pids"]))
+        # Recorded at once, with the leader's start time: its session finds every process it forks (oslo.service
+        # rewrites a worker's process title over its environment, where the mark was), even for a `lab down`
+        # after this process died; the start time tells a reused pid from ours.
+        self.sessions[str(p.pid)] = _start_time(p.pid)
+        _write_private(self.d / "pids.json", json.dumps(self.sessions))
         return p
 
     def uwsgi(self, name, module, port, threads=2, **env):
@@ -245,6 +272,8 @@ def up(lab_state, log=_stderr) -> dict:
     pl = Plane(lab_state, log)
     d = pl.d
     shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    d.chmod(0o711)  # its configs hold the service password (root only); postgres must reach pg/ below it
     for sub in ("log", "lock", "images", "staging", "tasks", "keys/fernet", "keys/credential"):
         (d / sub).mkdir(parents=True, exist_ok=True)
     (d / "faults.json").write_text("{}")
@@ -313,6 +342,10 @@ def _rabbit(pl):
                RABBITMQ_LOG_BASE=str(d / "log"), RABBITMQ_PID_FILE=str(d / "pid"),
                RABBITMQ_ENABLED_PLUGINS_FILE=str(d / "enabled_plugins"), RABBITMQ_CONFIG_FILE=str(d / "rabbitmq"))
     (d / "enabled_plugins").write_text("[].\n")
+    pl.rec["mq_password"] = secrets.token_urlsafe(12)
+    _write_private(d / "rabbitmq.conf", f"default_user = cloudbench\ndefault_pass = {pl.rec['mq_password']}\n")
+    # Erlang's distribution port on loopback too (the AMQP one is, by RABBITMQ_NODE_IP_ADDRESS).
+    env["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"] = "-kernel inet_dist_use_interface {127,0,0,1}"
     pl.rabbit_env = env
     proc = pl.start("rabbitmq", ["/usr/lib/rabbitmq/bin/rabbitmq-server"], **env)
     deadline = time.monotonic() + 60
@@ -324,39 +357,44 @@ def _rabbit(pl):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise LabError(f"RabbitMQ did not start: {p2.stderr.strip()[-400:]} {pl.tail('rabbitmq')}")
         time.sleep(0.5)
-    pl.rec["transport_url"] = f"rabbit://guest:guest@127.0.0.1:{p['rabbit']}/"
+    pl.rec["transport_url"] = f"rabbit://cloudbench:{pl.rec['mq_password']}@127.0.0.1:{p['rabbit']}/"
 
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
 DATABASES = ("keystone", "placement", "glance", "neutron", "nova_api", "nova", "nova_cell0")
 
 
 def _postgres(pl):
     """A PostgreSQL server of the lab's own (trust on 127.0.0.1, no fsync: a lab's databases are disposable)."""
-    d, port = pl.d / "pg", pl.rec["ports"]["postgres"]
-    if not (PG_BIN / "postgres").exists():
-        raise LabError(f"PostgreSQL 15 is not installed ({PG_BIN}); apt-get install postgresql-15")
+    d, port, pg = pl.d / "pg", pl.rec["ports"]["postgres"], pg_bin()
+    if pg is None:
+        raise LabError("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/postgres); apt-get install postgresql")
     d.mkdir()
     shutil.chown(d, "postgres", "postgres")
+    pl.rec["db_password"] = secrets.token_urlsafe(12)
+    pwfile = d / "pwfile"
+    pwfile.write_text(pl.rec["db_password"] + "\n")
+    pwfile.chmod(0o600)
+    shutil.chown(pwfile, "postgres", "postgres")
     as_pg = ["runuser", "-u", "postgres", "--"]
-    pl.run(*as_pg, PG_BIN / "initdb", "-D", d / "data", "-A", "trust", "-U", "openstack", "-N", "-E", "UTF8",
-           what="initdb")
-    proc = pl.start("postgres", [*as_pg, PG_BIN / "postgres", "-D", d / "data", "-k", d, "-h", "127.0.0.1",
+    pl.run(*as_pg, pg / "initdb", "-D", d / "data", "-A", "scram-sha-256", "--pwfile", pwfile, "-U", "openstack",
+           "-N", "-E", "UTF8", what="initdb")
+    pwfile.unlink()
+    proc = pl.start("postgres", [*as_pg, pg / "postgres", "-D", d / "data", "-k", d, "-h", "127.0.0.1",
                                  "-p", port, "-c", "fsync=off", "-c", "synchronous_commit=off",
                                  "-c", "full_page_writes=off", "-c", "max_connections=500",
                                  "-c", "shared_buffers=64MB"])
     deadline = time.monotonic() + 30
-    while subprocess.run([PG_BIN / "pg_isready", "-q", "-h", "127.0.0.1", "-p", str(port)]).returncode != 0:
+    while subprocess.run([pg / "pg_isready", "-q", "-h", "127.0.0.1", "-p", str(port)]).returncode != 0:
         if proc.poll() is not None or time.monotonic() > deadline:
             raise LabError(f"PostgreSQL did not start: {pl.tail('postgres')}")
         time.sleep(0.2)
     for name in DATABASES:
-        pl.run(PG_BIN / "psql", "-q", "-h", "127.0.0.1", "-p", port, "-U", "openstack", "-d", "postgres",
-               "-c", f"CREATE DATABASE {name}", what=f"CREATE DATABASE {name}")
+        pl.run(pg / "psql", "-q", "-h", "127.0.0.1", "-p", port, "-U", "openstack", "-d", "postgres",
+               "-c", f"CREATE DATABASE {name}", what=f"CREATE DATABASE {name}", PGPASSWORD=pl.rec["db_password"])
 
 
 def _db(pl, name):
-    return f"postgresql+psycopg2://openstack@127.0.0.1:{pl.rec['ports']['postgres']}/{name}"
+    return f"postgresql+psycopg2://openstack:{pl.rec['db_password']}@127.0.0.1:{pl.rec['ports']['postgres']}/{name}"
 
 
 def _auth(pl, user):
@@ -435,7 +473,7 @@ def _write_configs(pl):
     for rel, sections in files.items():
         path = d / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(_ini(sections))
+        _write_private(path, _ini(sections))
     for rel, src in (("nova/api-paste.ini", "etc/nova/api-paste.ini"),
                      ("neutron/api-paste.ini", "etc/neutron/api-paste.ini"),
                      ("glance/glance-api-paste.ini", "etc/glance/glance-api-paste.ini")):
@@ -472,9 +510,10 @@ def _keystone(pl):
         pl.run(v / "bin/keystone-manage", *conf, step, "--keystone-user", "root", "--keystone-group", "root",
                what=f"keystone-manage {step}")
     url = f"http://127.0.0.1:{pl.rec['ports']['keystone']}/v3/"
-    pl.run(v / "bin/keystone-manage", *conf, "bootstrap", "--bootstrap-password", pl.rec["admin_password"],
+    pl.run(v / "bin/keystone-manage", *conf, "bootstrap",  # the password by environment, not in `ps`
            "--bootstrap-admin-url", url, "--bootstrap-public-url", url, "--bootstrap-internal-url", url,
-           "--bootstrap-region-id", REGION, what="keystone-manage bootstrap")
+           "--bootstrap-region-id", REGION, what="keystone-manage bootstrap",
+           OS_BOOTSTRAP_PASSWORD=pl.rec["admin_password"])
     proc = pl.uwsgi("keystone", "keystone.wsgi.api:application", pl.rec["ports"]["keystone"], threads=4,
                     OS_KEYSTONE_CONFIG_FILES=str(d / "keystone/keystone.conf"))
     pl.wait_http("keystone", url, proc)
@@ -607,29 +646,55 @@ def _clouds_yaml(pl):
 
 
 # ------------------------------------------------------------------------------------------- down
+def _stat(pid):
+    """Fields of /proc/<pid>/stat after the command name (state first), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _start_time(pid):
+    fields = _stat(pid)
+    return fields[19] if fields else None
+
+
 def pids(name):
-    """Every process of lab ``name``'s control plane: in the session of a process it started, or marked in its
-    environment (epmd leaves the session)."""
+    """Every live process of lab ``name``'s control plane: in the session of a process it started (whose leader,
+    if alive, is still ours), marked in its environment (epmd leaves the session), or a descendant of one of those
+    (PostgreSQL's backends leave the session and rewrite their environment)."""
     from harness.lab.common import state_dir
 
     mark = f"{MARK}={name}".encode()
     try:
-        sessions = set(json.loads((state_dir(name) / "openstack" / "pids.json").read_text()).values())
+        recorded = json.loads((state_dir(name) / "openstack" / "pids.json").read_text())
     except (OSError, ValueError):
-        sessions = set()
-    out = []
+        recorded = {}
+    sessions = set()
+    for pid, started in recorded.items():
+        now = _start_time(int(pid))
+        if now is None or now == started:  # the leader is gone (its session may live on) or is still ours
+            sessions.add(int(pid))
+    me, found, parent = os.getpid(), set(), {}
     for p in Path("/proc").iterdir():
-        if p.name.isdigit() and int(p.name) != os.getpid():
-            try:
-                stat = (p / "stat").read_text()
-                fields = stat.rsplit(")", 1)[1].split()
-                if fields[0] == "Z":
-                    continue
-                if int(fields[3]) in sessions or mark in (p / "environ").read_bytes().split(b"\0"):
-                    out.append(int(p.name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
+        if not p.name.isdigit() or int(p.name) == me:
+            continue
+        fields = _stat(p.name)
+        if not fields or fields[0] == "Z":
+            continue
+        pid = int(p.name)
+        parent[pid] = int(fields[1])
+        try:
+            if int(fields[3]) in sessions or mark in (p / "environ").read_bytes().split(b"\0"):
+                found.add(pid)
+        except OSError:
+            pass
+    grown = True
+    while grown:  # and their descendants
+        more = {pid for pid, pp in parent.items() if pp in found and pid not in found}
+        found |= more
+        grown = bool(more)
+    return sorted(found)
 
 
 def rss(name):
@@ -649,16 +714,28 @@ def down(name):
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and pids(name):
         time.sleep(0.2)
-    signal_all(pids(name), signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while (left := pids(name)) and time.monotonic() < deadline:  # what forked meanwhile goes too
+        signal_all(left, signal.SIGKILL)
+        time.sleep(0.1)
+    if left:
+        raise LabError(f"processes of the lab's OpenStack survived SIGKILL: {left}")
     return len(found)
 
 
 def arm_fault(lab_dir, name, count=1):
     """Make the next ``count`` spawns on the lab's computes fail (``spawn_error``)."""
+    import fcntl
+
     path = Path(lab_dir) / "openstack" / "faults.json"
-    faults = json.loads(path.read_text() or "{}") if path.exists() else {}
-    faults[name] = count
-    path.write_text(json.dumps(faults))
+    with open(path, "a+") as f:  # the same lock as the computes' take_fault
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        faults = json.loads(f.read() or "{}")
+        faults[name] = count
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(faults))
 
 
 def main(argv=None):

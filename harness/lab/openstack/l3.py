@@ -83,25 +83,28 @@ def serve(lab, period=0.5):
     print("l3: routing floating IPs", flush=True)
     while True:
         try:
-            want = {f["floating_ip_address"]: f["fixed_ip_address"] for f in neutron.floating_ips()
-                    if f.get("port_id") and f.get("fixed_ip_address")}
-        except (OSError, RuntimeError, ValueError) as e:  # the API restarting or slow: try again
-            print(f"l3: {e}", flush=True)
-            time.sleep(period)
-            continue
-        for address, (fixed, host) in list(routed.items()):
-            if want.get(address) != fixed:
-                apply(hosts, address, host, False)
-                del routed[address]
-                print(f"l3: {address} off {host['name']}", flush=True)
-        for address, fixed in want.items():
-            if address not in routed:
-                host = holder(hosts, fixed)
-                if host:  # else the server is not spawned yet: next round
-                    apply(hosts, address, host, True)
-                    routed[address] = (fixed, host)
-                    print(f"l3: {address} -> {fixed} on {host['name']}", flush=True)
+            sync(neutron, hosts, routed)
+        except Exception as e:  # noqa: BLE001 (the API restarting or slow, an `ip` failing: next round, said)
+            print(f"l3: {type(e).__name__}: {e}", flush=True)
         time.sleep(period)
+
+
+def sync(neutron, hosts, routed):
+    """One round: route what Neutron has associated, unroute what it no longer has."""
+    want = {f["floating_ip_address"]: f["fixed_ip_address"] for f in neutron.floating_ips()
+            if f.get("port_id") and f.get("fixed_ip_address")}
+    for address, (fixed, host) in list(routed.items()):
+        if want.get(address) != fixed:
+            apply(hosts, address, host, False)
+            del routed[address]
+            print(f"l3: {address} off {host['name']}", flush=True)
+    for address, fixed in want.items():
+        if address not in routed:
+            host = holder(hosts, fixed)
+            if host:  # else the server is not spawned yet: next round
+                apply(hosts, address, host, True)
+                routed[address] = (fixed, host)
+                print(f"l3: {address} -> {fixed} on {host['name']}", flush=True)
 
 
 def main(argv=None):

@@ -68,10 +68,18 @@ class LabHostDriver(fake.FakeDriver):
         self.launched = {}  # instance uuid -> (address, launched at)
 
     # A node UUID that survives a restart (the fake driver draws a new one per process; Nova then refuses
-    # to start, seeing its compute_id change).
+    # to start, seeing its compute_id change): the same one where Nova asks for it and where it is reported.
+    def _node_uuid(self):
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"cloudbench-lab/{self.lab_host['netns']}"))
+
     def get_nodenames_by_uuid(self, refresh=False):
-        return {str(uuid.uuid5(uuid.NAMESPACE_URL, f"cloudbench-lab/{self.lab_host['netns']}")): n
-                for n in self.get_available_nodes()}
+        return {self._node_uuid(): n for n in self.get_available_nodes()}
+
+    def get_available_resource(self, nodename):
+        resources = super().get_available_resource(nodename)
+        if resources:
+            resources["uuid"] = self._node_uuid()
+        return resources
 
     def update_provider_tree(self, provider_tree, nodename, allocations=None):
         super().update_provider_tree(provider_tree, nodename, allocations)
@@ -82,12 +90,13 @@ class LabHostDriver(fake.FakeDriver):
 
     def spawn(self, context, instance, image_meta, injected_files, admin_password, allocations,
               network_info=None, block_device_info=None, power_on=True, accel_info=None):
+        if any(u != instance.uuid for u in self.instances):
+            # One server per lab host: a second one must go elsewhere (Nova reschedules it). Checked before an
+            # armed fault, which belongs to a spawn that happens.
+            raise exception.ComputeResourcesUnavailable(reason=f"lab host {self.lab_host['name']} is taken")
         if take_fault(self.state, "spawn_error"):
             raise exception.BuildAbortException(instance_uuid=instance.uuid,
                                                 reason="the lab was told to fail this spawn (spawn_error)")
-        if any(u != instance.uuid for u in self.instances):
-            # One server per lab host: a second one must go elsewhere (Nova reschedules it).
-            raise exception.ComputeResourcesUnavailable(reason=f"lab host {self.lab_host['name']} is taken")
         super().spawn(context, instance, image_meta, injected_files, admin_password, allocations,
                       network_info, block_device_info, power_on, accel_info)
         address = self.lab_host["address"]
@@ -110,7 +119,12 @@ class LabHostDriver(fake.FakeDriver):
 
     def destroy(self, context, instance, network_info, block_device_info=None, destroy_disks=True,
                 destroy_secrets=True):
+        spawned = instance.uuid in self.instances
         super().destroy(context, instance, network_info, block_device_info, destroy_disks, destroy_secrets)
+        if not spawned:
+            # Nova also destroys a server whose spawn was refused here (the host was taken): the host and its
+            # address belong to the server that runs there, which must keep running.
+            return
         labhost.release(self.lab_host, instance.uuid)
         for vif in network_info or []:
             for subnet in vif["network"]["subnets"]:
