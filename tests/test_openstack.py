@@ -283,7 +283,8 @@ root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 @root_only
 def test_floating_ips_only_when_asked_reach_the_servers_and_are_always_released(any_cloud, tmp_path):
     out, d, df = run_ok(tmp_path, "--provider", "openstack", "--cloud", "cloudbench-lab", "--option",
-                        "floating_ip_pool=public", "--gpus", 2, "--sweep", 2, "--repetitions", 1, *SMALL)
+                        "floating_ip_pool=public", "--gpus", 2, "--sweep", 2, "--repetitions", 1, "--no-calibrate",
+                        *SMALL)  # calibration is the done-when test's; here only the addresses matter
     fleet = json.loads((d / "fleet.json").read_text())
     assert all(n["address"].startswith("198.18.") for n in fleet["nodes"])  # SSH went through floating IPs
     inv = yaml.safe_load((d / "openstack" / "inventory.yaml").read_text())
