@@ -108,6 +108,22 @@ def floating_ip_commands(host, hosts, address, on):
             ["ip", "-n", host["netns"], "addr", "del", addr, "dev", "eth0"]]
 
 
+def update_json_locked(path, change):
+    """Read-modify-write of a small JSON file under an exclusive lock (several processes share it);
+    ``change(mapping)`` edits it in place and returns what the caller gets back."""
+    import fcntl
+
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        data = json.loads(f.read() or "{}")
+        out = change(data)
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(data))
+        return out
+
+
 def write_atomic(path, text):
     """Replace a file in one step (sshd may read authorized_keys at any moment)."""
     tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.{threading.get_ident()}")

@@ -725,31 +725,7 @@ def down(name):
 
 def arm_fault(lab_dir, name, count=1):
     """Make the next ``count`` spawns on the lab's computes fail (``spawn_error``)."""
-    import fcntl
+    from harness.lab.emulators import labhost
 
-    path = Path(lab_dir) / "openstack" / "faults.json"
-    with open(path, "a+") as f:  # the same lock as the computes' take_fault
-        fcntl.flock(f, fcntl.LOCK_EX)
-        f.seek(0)
-        faults = json.loads(f.read() or "{}")
-        faults[name] = count
-        f.seek(0)
-        f.truncate()
-        f.write(json.dumps(faults))
-
-
-def main(argv=None):
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m harness.lab.openstack.control",
-                                 description="install the real OpenStack control plane's parts (venv, RabbitMQ)")
-    ap.add_argument("action", choices=["install"])
-    ap.parse_args(argv)
-    t0 = time.monotonic()
-    v = install()
-    print(f"[openstack] ready: {v} ({time.monotonic() - t0:.0f} s)", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    labhost.update_json_locked(Path(lab_dir) / "openstack" / "faults.json",
+                               lambda faults: faults.update({name: count}))

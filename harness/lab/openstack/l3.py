@@ -16,40 +16,21 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
-from harness.lab.common import state_dir
+from harness.lab.common import LabError, state_dir
 from harness.lab.emulators import labhost
+from harness.lab.openstack import control
 
 
-class Neutron:
-    def __init__(self, record):
-        self.record, self.token = record, None
-
-    def _login(self):
-        body = {"auth": {"identity": {"methods": ["password"], "password": {"user": {
-            "name": "admin", "domain": {"name": "Default"}, "password": self.record["admin_password"]}}},
-            "scope": {"project": {"name": "admin", "domain": {"name": "Default"}}}}}
-        req = urllib.request.Request(f"http://127.0.0.1:{self.record['ports']['keystone']}/v3/auth/tokens",
-                                     json.dumps(body).encode(), {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            self.token = r.headers["X-Subject-Token"]
-
-    def floating_ips(self):
-        for _ in range(2):
-            if not self.token:
-                self._login()
-            req = urllib.request.Request(f"http://127.0.0.1:{self.record['ports']['neutron']}/v2.0/floatingips",
-                                         headers={"X-Auth-Token": self.token, "Accept": "application/json"})
-            try:
-                with urllib.request.urlopen(req, timeout=30) as r:
-                    return json.loads(r.read())["floatingips"]
-            except urllib.error.HTTPError as e:
-                if e.code != 401:
-                    raise
-                self.token = None  # expired: log in again
-        raise RuntimeError("Neutron keeps answering 401")
+def floating_ips(plane):
+    """Neutron's floating IPs, as admin (through the control plane's own API helper)."""
+    if not plane.token:
+        plane.token, _ = plane.login()
+    try:
+        return plane.api("GET", plane.url("neutron") + "/v2.0/floatingips")[0]["floatingips"]
+    except LabError:
+        plane.token = None  # expired, or the API restarting: log in again next round
+        raise
 
 
 def holder(hosts, address):
@@ -70,7 +51,8 @@ def apply(hosts, address, host, on):
 def serve(lab, period=0.5):
     state = json.loads((state_dir(lab) / "state.json").read_text())
     hosts = state["hosts"]
-    neutron = Neutron(json.loads((state_dir(lab) / "openstack" / "record.json").read_text()))
+    plane = control.Plane(state)
+    plane.rec.update(json.loads((state_dir(lab) / "openstack" / "record.json").read_text()))
     routed = {}  # floating address -> (fixed address, host)
 
     def stop(*_):
@@ -83,15 +65,15 @@ def serve(lab, period=0.5):
     print("l3: routing floating IPs", flush=True)
     while True:
         try:
-            sync(neutron, hosts, routed)
+            sync(plane, hosts, routed)
         except Exception as e:  # noqa: BLE001 (the API restarting or slow, an `ip` failing: next round, said)
             print(f"l3: {type(e).__name__}: {e}", flush=True)
         time.sleep(period)
 
 
-def sync(neutron, hosts, routed):
+def sync(plane, hosts, routed):
     """One round: route what Neutron has associated, unroute what it no longer has."""
-    want = {f["floating_ip_address"]: f["fixed_ip_address"] for f in neutron.floating_ips()
+    want = {f["floating_ip_address"]: f["fixed_ip_address"] for f in floating_ips(plane)
             if f.get("port_id") and f.get("fixed_ip_address")}
     for address, (fixed, host) in list(routed.items()):
         if want.get(address) != fixed:

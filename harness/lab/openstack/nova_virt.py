@@ -19,7 +19,6 @@ that the lab writes into its venv (Nova imports drivers from ``nova.virt`` only)
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import subprocess
@@ -42,16 +41,13 @@ def take_fault(state, name):
     path = Path(state) / "faults.json"
     if not path.exists():
         return False
-    with open(path, "r+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        faults = json.loads(f.read() or "{}")
+
+    def take(faults):
         if int(faults.get(name) or 0) <= 0:
             return False
         faults[name] = int(faults[name]) - 1
-        f.seek(0)
-        f.truncate()
-        f.write(json.dumps(faults))
         return True
+    return labhost.update_json_locked(path, take)
 
 
 class LabHostDriver(fake.FakeDriver):
