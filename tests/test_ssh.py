@@ -1,6 +1,7 @@
 """The ssh provider against lab hosts: real sshd per network namespace, horovodrun across them (root only)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -256,3 +257,66 @@ def test_inventory_errors_name_the_field_and_what_is_expected(tmp_path):
         load_inventory(path)
     p = cloudbench("run", "--provider", "ssh", *SMALL)
     assert p.returncode == 2 and "--inventory" in p.stderr
+
+
+def _agents_on(sock_dir):
+    """pids whose command line names the per-launch agent directory (the shell and the ssh-agent)."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if sock_dir.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    out.append(int(pid))
+        except OSError:
+            continue
+    return out
+
+
+@pytest.mark.parametrize("moment", ["before its socket", "after the key is added", "after its shell died"])
+def test_an_interrupt_at_any_moment_of_the_launch_agent_leaves_no_agent(tmp_path, monkeypatch, moment):
+    """The campaign once found an ssh-agent orphaned by a SIGINT at launch: the shell that holds it (and stops
+    it when the harness dies) was stopped after forking it but before setting its trap. The agent now leads
+    its own process group, which the launch stops as a whole: "after its shell died" stands for that window
+    deterministically (the shell is killed with -9, so no trap of its own can help)."""
+    import tempfile
+    from providers import ssh as ssh_mod
+    from providers.errors import Interrupted
+
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    inv = tmp_path / "inv.yaml"
+    inv.write_text(yaml.safe_dump({"hosts": [{"address": "10.0.0.1"}], "key": str(key), "known_hosts": str(known)}))
+    p = SSHProvider(inventory=str(inv))
+    dirs = []
+    real_mkdtemp, real_sleep, delay = tempfile.mkdtemp, time.sleep, [0.0]
+
+    def mkdtemp(*a, **kw):
+        dirs.append(real_mkdtemp(*a, **kw))
+        return dirs[-1]
+
+    def interrupt(_):  # the first poll for the socket comes at once; the interrupt a little later each time
+        real_sleep(delay[0])
+        raise Interrupted("SIGINT")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    if moment == "before its socket":
+        monkeypatch.setattr(ssh_mod.time, "sleep", interrupt)
+    for i in range(20 if moment == "before its socket" else 3):
+        delay[0] = i * 0.0005
+        with pytest.raises(Interrupted):
+            with p._agent() as env:
+                assert os.path.exists(env["SSH_AUTH_SOCK"])
+                if moment == "after its shell died" and shutil.which("setpriv"):
+                    shells = [pid for pid in _agents_on(dirs[-1])
+                              if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] in (b"sh", b"setpriv")]
+                    assert len(shells) == 1
+                    os.kill(shells[0], signal.SIGKILL)
+                raise Interrupted("SIGINT")
+    monkeypatch.undo()  # time.sleep is the module's own again
+    deadline = time.monotonic() + 5
+    while any(_agents_on(d) for d in dirs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert dirs and not [pid for d in dirs for pid in _agents_on(d)]

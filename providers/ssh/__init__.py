@@ -38,6 +38,7 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -583,13 +584,18 @@ class SSHProvider:
             sock = os.path.join(d, "agent.sock")
             # The agent holds the key: it must not outlive a harness killed with -9. ssh-agent is set-gid, which
             # clears a parent-death signal, so a shell holds it (setpriv: the kernel sends the shell SIGTERM when
-            # the harness dies) and stops the agent on SIGTERM, from the harness or from the kernel.
+            # the harness dies) and stops the agent on SIGTERM. The trap is set before the agent is forked (it
+            # names $!), so no moment leaves an agent whose shell died untrapped. The shell and the agent lead
+            # their own process group, which the harness signals as a whole when the launch ends or is
+            # interrupted at any point, even before the shell has set its trap.
             cmd = ["ssh-agent", "-D", "-a", sock]
             if shutil.which("setpriv"):
                 cmd = ["setpriv", "--pdeathsig", "TERM", "--", "sh", "-c",
-                       'ssh-agent -D -a "$0" & a=$!; trap \'kill $a\' TERM INT; wait $a', sock]
-            agent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                       'trap \'kill $! 2>/dev/null; exit 143\' TERM INT; ssh-agent -D -a "$0" & wait $!', sock]
+            agent = None
             try:
+                agent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         start_new_session=True)
                 env["SSH_AUTH_SOCK"] = sock
                 deadline = time.monotonic() + 10
                 while not os.path.exists(sock):
@@ -602,8 +608,12 @@ class SSHProvider:
                     raise ProviderError(f"ssh-add {self.inv.key} failed: {p.stderr.strip()}")
                 yield env
             finally:
-                agent.terminate()
-                agent.wait()
+                if agent is not None:
+                    try:
+                        os.killpg(agent.pid, signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+                    agent.wait()
 
     # -- teardown and gc --------------------------------------------------------------------------
     def _stop_run(self, hosts, run_id, quiet=False):
