@@ -28,6 +28,10 @@ import tensorflow as tf
 
 L = tf.keras.layers
 
+# "fast": the same functions computed with fewer kernels (UpSampling3D, Dropout, pad-then-convolve; see each);
+# "keras": Keras' own layers, for comparison. Read when a model is built; set by the trainer (--layers).
+LAYERS = "fast"
+
 VARIANTS = ("fixed", "angle", "small")
 
 
@@ -121,6 +125,60 @@ class Keras2BatchNorm(L.Layer):
         return {**super().get_config(), "momentum": self.momentum, "epsilon": self.epsilon}
 
 
+class UpSampling3D(L.UpSampling3D):
+    """Keras' UpSampling3D (nearest neighbour: every voxel repeated size[i] times along axis i), computed as one
+    broadcast per axis instead of Keras' repeat_elements, which splits the tensor into one slice per voxel plane and
+    concatenates the repeats for each axis in turn (and, backward, a Slice and an AddN per repeated plane:
+    hundreds of small kernels per step). Same output values; the gradient sums the same repeats. Config,
+    name (the class name is Keras') and weights (none) as Keras' layer, so checkpoints are interchangeable."""
+
+    def call(self, inputs):
+        if self.data_format != "channels_last" or None in inputs.shape[1:]:
+            return super().call(inputs)
+        x, dims = inputs, list(inputs.shape[1:])  # one axis at a time: TensorFlow broadcasts up to rank 5
+        for axis, f in enumerate(self.size):
+            if f == 1:
+                continue
+            outer = math.prod(dims[:axis])
+            inner = math.prod(dims[axis + 1:])
+            x = tf.reshape(x, [-1, outer * dims[axis], 1, inner])
+            x = tf.broadcast_to(x, [tf.shape(x)[0], outer * dims[axis], f, inner])
+            dims[axis] *= f
+        return tf.reshape(x, [-1, *dims])
+
+
+class Dropout(L.Dropout):
+    """Keras' Dropout (each element kept with probability 1 - rate and scaled by 1 / (1 - rate)) with one
+    element-wise pass less each way: the kept elements' scale is drawn as one mask (0 or 1 / (1 - rate)) that
+    multiplies the input forward and the gradient backward, where tf.nn.dropout scales, then selects, and
+    selects and scales again backward. The uniform draw is float32 under every policy (a bfloat16 draw
+    holds 8 bits: rate 0.2 would not be 0.2)."""
+
+    def call(self, inputs, training=None):
+        if training is not True or self.noise_shape is not None or not 0 < self.rate < 1:
+            return super().call(inputs, training=training)
+        keep = tf.random.uniform(tf.shape(inputs), dtype=tf.float32) >= self.rate
+        scale = tf.where(keep, tf.constant(1.0 / (1.0 - self.rate), inputs.dtype), tf.zeros((), inputs.dtype))
+        return inputs * scale
+
+
+def _upsample(size):
+    return UpSampling3D(size) if LAYERS == "fast" else L.UpSampling3D(size)
+
+
+def _dropout(rate=0.2):
+    return Dropout(rate) if LAYERS == "fast" else L.Dropout(rate)
+
+
+def _pad_conv(x, pad, filters, kernel):
+    """ZeroPadding3D(pad) then a valid Conv3D; where the padding is what "same" pads (an odd cubic kernel of
+    side 2 pad + 1) one Conv3D that pads inside the convolution: no Pad forward, no Slice backward."""
+    if LAYERS == "fast" and isinstance(pad, int) and kernel == (2 * pad + 1,) * 3:
+        return L.Conv3D(filters, kernel, padding="same")(x)
+    x = L.ZeroPadding3D(pad)(x)
+    return L.Conv3D(filters, kernel, padding="valid")(x)
+
+
 @contextlib.contextmanager
 def frozen_batchnorm(model: tf.keras.Model):
     """Within this context (and in functions traced within it) ``model``'s BN layers keep their moving stats."""
@@ -154,12 +212,12 @@ def _generator_25(latent, c0, f1, k1, f, name):
     x = L.Conv3D(f1, k1, padding="same", kernel_initializer="he_uniform")(x)
     x = _lrelu()(x)
     x = Keras2BatchNorm()(x)
-    x = L.UpSampling3D((2, 2, 2))(x)  # 14,14,16
+    x = _upsample((2, 2, 2))(x)  # 14,14,16
     x = L.ZeroPadding3D((2, 2, 0))(x)
     x = L.Conv3D(f, (6, 5, 8), padding="valid", kernel_initializer="he_uniform")(x)  # 13,14,9
     x = _lrelu()(x)
     x = Keras2BatchNorm()(x)
-    x = L.UpSampling3D((2, 2, 3))(x)  # 26,28,27
+    x = _upsample((2, 2, 3))(x)  # 26,28,27
     x = L.ZeroPadding3D((1, 0, 3))(x)
     x = L.Conv3D(f, (3, 3, 8), padding="valid", kernel_initializer="he_uniform")(x)  # 26,26,26
     x = _lrelu()(x)
@@ -176,13 +234,12 @@ def _discriminator_fixed():
     img = L.Input((25, 25, 25, 1), name="image")
     x = L.Conv3D(32, (5, 5, 5), padding="same")(img)
     x = _lrelu()(x)
-    x = L.Dropout(0.2)(x)
+    x = _dropout(0.2)(x)
     for pad in (2, 2, 1):
-        x = L.ZeroPadding3D(pad)(x)
-        x = L.Conv3D(8, (5, 5, 5), padding="valid")(x)
+        x = _pad_conv(x, pad, 8, (5, 5, 5))
         x = _lrelu()(x)
         x = Keras2BatchNorm()(x)
-        x = L.Dropout(0.2)(x)
+        x = _dropout(0.2)(x)
     x = L.AveragePooling3D((2, 2, 2))(x)
     h = L.Flatten()(x)
     return _heads(img, h, power=1.0, with_angle=False, name="discriminator_fixed")
@@ -193,7 +250,7 @@ def _generator_angle(latent=256):
     z = L.Input((latent,), name="latent")
     x = L.Dense(5184)(z)
     x = L.Reshape((9, 9, 8, 8))(x)
-    x = L.UpSampling3D((6, 6, 6))(x)
+    x = _upsample((6, 6, 6))(x)
     x = L.Conv3D(8, (6, 6, 8), padding="valid", kernel_initializer="he_uniform")(x)
     x = L.ReLU()(x)
     x = Keras2BatchNorm(epsilon=1e-6)(x)
@@ -218,14 +275,14 @@ def _discriminator_angle(power=0.85):
     img = L.Input((51, 51, 25, 1), name="image")
     x = L.Conv3D(16, (5, 6, 6), padding="same")(img)
     x = _lrelu()(x)
-    x = L.Dropout(0.2)(x)
+    x = _dropout(0.2)(x)
     for pad in ((0, 0, 1), (0, 0, 1), None):
         if pad is not None:
             x = L.ZeroPadding3D(pad)(x)
         x = L.Conv3D(8, (5, 6, 6), padding="valid")(x)
         x = _lrelu()(x)
         x = Keras2BatchNorm(epsilon=1e-6)(x)
-        x = L.Dropout(0.2)(x)
+        x = _dropout(0.2)(x)
     x = L.AveragePooling3D((2, 2, 2))(x)
     h = L.Flatten()(x)
     return _heads(img, h, power=power, with_angle=True, name="discriminator_angle")
@@ -240,11 +297,11 @@ def _discriminator_small():
     img = L.Input((25, 25, 25, 1), name="image")
     x = L.Conv3D(8, (3, 3, 3), padding="same")(img)
     x = _lrelu()(x)
-    x = L.Dropout(0.2)(x)
+    x = _dropout(0.2)(x)
     x = L.Conv3D(4, (3, 3, 3), padding="valid")(x)  # 23
     x = _lrelu()(x)
     x = Keras2BatchNorm()(x)
-    x = L.Dropout(0.2)(x)
+    x = _dropout(0.2)(x)
     x = L.AveragePooling3D((2, 2, 2))(x)  # 11
     h = L.Flatten()(x)
     return _heads(img, h, power=1.0, with_angle=False, name="discriminator_small")

@@ -56,6 +56,9 @@ def parse_args(argv=None):
     ap.add_argument("--bn", choices=("fused", "keras2"), default="keras2",
                     help="batch norm in training mode: one fused kernel, or moments + normalisation ops (the same "
                          "results; see gan.model.Keras2BatchNorm)")
+    ap.add_argument("--layers", choices=("fast", "keras"), default="fast",
+                    help="fast: UpSampling3D, Dropout and pad-then-convolve in fewer kernels, same functions; "
+                         "keras: Keras' own layers (for comparison)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads per rank (default cores/ranks)")
     ap.add_argument("--no-pin", action="store_true", help="do not pin each local rank to its own cores")
@@ -337,14 +340,34 @@ class Emitter:
             self.file.close()
 
 
-def make_dataset(args, engine):
+def make_dataset(args, engine, device="cpu"):
     from gan import data
 
     if args.data == "synthetic":
-        return data.synthetic_dataset(args.variant, args.batch_size, rank=engine.rank, seed=args.seed)
-    rank, size = (engine.local_rank, engine.local_size) if args.data_shard == "local" else (engine.rank, engine.size)
-    return data.file_dataset(args.data, args.variant, args.batch_size, rank=rank, size=size,
-                             seed=args.seed)
+        ds = data.synthetic_dataset(args.variant, args.batch_size, rank=engine.rank, seed=args.seed)
+    else:
+        rank, size = (engine.local_rank, engine.local_size) if args.data_shard == "local" else (engine.rank,
+                                                                                                 engine.size)
+        ds = data.file_dataset(args.data, args.variant, args.batch_size, rank=rank, size=size, seed=args.seed)
+    return to_device(ds, device)
+
+
+def to_device(ds, device, target="/GPU:0"):
+    """On a GPU, batches are copied to it ahead of the step that needs them (``target``: the rank's only
+    visible GPU). On a CPU the pipeline's own prefetch already runs ahead."""
+    if device.startswith("gpu"):
+        return ds.apply(tf.data.experimental.prefetch_to_device(target, buffer_size=2))
+    return ds
+
+
+def gpu_peak(device, precision):
+    """(datasheet peak FLOP/s of this rank's GPU at ``precision``, basis) or (None, why)."""
+    from gan import sysinfo
+
+    if not device.startswith("gpu"):
+        return None, "not a GPU"
+    return sysinfo.gpu_datasheet_peak(device.split(":", 1)[1], precision,
+                                      tf32=tf.config.experimental.tensor_float_32_execution_enabled())
 
 
 def _mllogger(path, rank):
@@ -384,6 +407,7 @@ def run(args, hold=None) -> dict:
         ml.event(key=ml_const("OPT_BASE_LR"), value=args.lr * engine.size)
         ml.start(key=ml_const("INIT_START"))
     gm.Keras2BatchNorm.fused = args.bn == "fused"
+    gm.LAYERS = args.layers
     trainer = GANTrainer(args.variant, engine, lr=args.lr, loss_weights=args.loss_weights,
                          precision=args.precision, xla=args.xla, seed=args.seed)
     flops = gm.training_flops_per_sample(trainer.generator, trainer.discriminator)
@@ -401,7 +425,7 @@ def run(args, hold=None) -> dict:
           "steps": args.steps, "warmup": args.warmup, "data": args.data, "precision": args.precision,
           **({"precision_auto": precision_reason} if precision_reason else {}),
           "xla": args.xla, "engine": engine.name, "ranks_placement": hosts})
-    ds = iter(make_dataset(args, engine))
+    ds = iter(make_dataset(args, engine, device))
     if hold:
         hold((trainer, ds))
     if ml:
@@ -451,7 +475,8 @@ def run(args, hold=None) -> dict:
         "allreduce_bytes_per_step": [trainer.gradient_bytes(trainer.discriminator)] * 2
                                     + [trainer.gradient_bytes(trainer.generator)] * 2,
         "achieved_flops_per_s": thr * flops,
-        "precision": args.precision, "bn": args.bn,
+        **_gpu_mfu(device, args.precision, thr / engine.size * flops),
+        "precision": args.precision, "bn": args.bn, "layers": args.layers,
         "xla": args.xla,
         "intra_op_threads": intra,
         "cpus_per_rank": len(cpus),
@@ -474,6 +499,15 @@ def run(args, hold=None) -> dict:
     emit(summary)
     emit.close()
     return summary
+
+
+def _gpu_mfu(device, precision, flops_per_s_per_gpu):
+    """MFU of one GPU (each rank has one) against its datasheet peak, where the device is a known GPU."""
+    peak, basis = gpu_peak(device, precision)
+    if peak is None:
+        return {} if not device.startswith("gpu") else {"datasheet_peak_basis": basis}
+    return {"datasheet_peak_flops": peak, "datasheet_peak_basis": basis,
+            "mfu_datasheet": flops_per_s_per_gpu / peak}
 
 
 def ml_const(name):

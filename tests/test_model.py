@@ -110,3 +110,49 @@ def test_angle_head_matches_numpy_measurement():
 def test_unknown_variant_names_the_choices():
     with pytest.raises(ValueError, match="fixed, angle, small"):
         gm.spec("huge")
+
+
+@pytest.mark.parametrize("variant", ["fixed", "angle"])
+def test_fast_layers_compute_the_same_model_as_keras_layers(variant, monkeypatch):
+    """--layers fast trains the same model: the same weights in the same order (checkpoints interchange), the
+    same outputs and the same gradients as Keras' UpSampling3D and ZeroPadding3D + valid Conv3D, with D in
+    inference mode where dropout is the identity (the fast Dropout is tested on its own below)."""
+    built = {}
+    for layers in ("keras", "fast"):
+        monkeypatch.setattr(gm, "LAYERS", layers)
+        built[layers] = gm.build(variant)
+    (gk, dk), (gf, df) = built["keras"], built["fast"]
+    for a, b in ((gk, gf), (dk, df)):
+        assert [w.shape for w in a.weights] == [w.shape for w in b.weights]
+        b.set_weights(a.get_weights())
+    assert gm.training_flops_per_sample(gk, dk) == gm.training_flops_per_sample(gf, df)
+    z = tf.random.stateless_normal((2, gk.input_shape[-1]), seed=(1, 2))
+    out = {}
+    for name, (g, d) in built.items():
+        with tf.GradientTape() as tape:
+            img = g(z, training=True)  # BN on batch statistics: every layer of G in its training form
+            loss = tf.add_n([tf.reduce_sum(o) for o in d(img, training=False)])
+        out[name] = (img.numpy(), loss.numpy(), [v.numpy() for v in tape.gradient(loss, g.trainable_variables)])
+    np.testing.assert_allclose(out["fast"][0], out["keras"][0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["fast"][1], out["keras"][1], rtol=1e-4)
+    for a, b in zip(out["fast"][2], out["keras"][2]):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * float(np.abs(b).max()))
+    if variant == "fixed":  # two of the three pad + valid pairs of D became one "same" convolution
+        pads = lambda m: sum(isinstance(lyr, tf.keras.layers.ZeroPadding3D) for lyr in m.layers)  # noqa: E731
+        assert (pads(dk), pads(df)) == (3, 1)
+
+
+def test_fast_dropout_keeps_the_rate_and_scales_like_keras():
+    drop = gm.Dropout(0.2)
+    x = tf.ones((64, 25, 25, 25, 1))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = drop(x, training=True)
+    dx = tape.gradient(y, x).numpy()
+    y = y.numpy()
+    assert set(np.unique(y)) == {0.0, 1.25}
+    assert abs((y == 0).mean() - 0.2) < 0.002  # 1M draws: sd 0.0004
+    np.testing.assert_array_equal(dx, y)  # the gradient is the same mask
+    assert np.array_equal(drop(x, training=False).numpy(), x.numpy())
+    yb = gm.Dropout(0.2, dtype="mixed_bfloat16")(tf.ones((64, 25, 25, 25, 1), tf.bfloat16), training=True)
+    assert yb.dtype == tf.bfloat16 and abs(float(tf.reduce_mean(tf.cast(yb == 0, tf.float32))) - 0.2) < 0.002

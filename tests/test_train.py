@@ -139,3 +139,41 @@ def test_precision_auto_chooses_what_was_measured_to_pay_and_says_why():
     assert choose_precision("cpu", ["avx2"]) == ("fp32", "CPU has no bf16 instructions")
     assert choose_precision("gpu:A100", gpu_capability=(8, 0))[0] == "bf16"
     assert choose_precision("gpu:V100", gpu_capability=(7, 0))[0] == "fp32"
+
+
+def test_gpu_mfu_uses_the_datasheet_peak_of_the_precision_it_runs_at():
+    """No GPU here: the lookup from the names TensorFlow prints, and the CPU path that must not pretend."""
+    from gan.sysinfo import gpu_datasheet_peak
+    from gan.train import _gpu_mfu, gpu_peak
+
+    assert gpu_datasheet_peak("NVIDIA A100-SXM4-40GB", "bf16")[0] == 312e12
+    assert gpu_datasheet_peak("NVIDIA A100-SXM4-40GB", "fp32")[0] == 156e12  # TF32, TensorFlow's default
+    assert gpu_datasheet_peak("NVIDIA A100-SXM4-40GB", "fp32", tf32=False)[0] == 19.5e12
+    assert gpu_datasheet_peak("NVIDIA H100 PCIe", "bf16")[0] == 756e12
+    assert gpu_datasheet_peak("NVIDIA H100 80GB HBM3", "bf16")[0] == pytest.approx(989.4e12)
+    assert gpu_datasheet_peak("NVIDIA L40S", "bf16")[0] == pytest.approx(362.05e12)
+    assert gpu_datasheet_peak("NVIDIA L4", "fp16")[0] == 121e12
+    assert gpu_datasheet_peak("Tesla V100-SXM2-16GB", "fp16")[0] == 125e12
+    assert gpu_datasheet_peak("Tesla V100-PCIE-32GB", "fp32")[0] == 14e12
+    peak, why = gpu_datasheet_peak("Tesla V100-SXM2-16GB", "bf16")
+    assert peak is None and "no bf16" in why
+    assert gpu_datasheet_peak("Some GPU", "fp32") == (None, "no datasheet peak known for 'Some GPU'")
+    assert gpu_peak("cpu", "fp32") == (None, "not a GPU") and _gpu_mfu("cpu", "fp32", 1e12) == {}
+    assert _gpu_mfu("gpu:Tesla T4", "fp16", 6.5e12)["mfu_datasheet"] == pytest.approx(0.1)
+    assert _gpu_mfu("gpu:Mystery", "fp32", 1e12) == {"datasheet_peak_basis": "no datasheet peak known for 'Mystery'"}
+
+
+def test_batches_go_to_the_gpu_ahead_of_the_step_and_stay_put_on_a_cpu():
+    """The GPU branch runs for real with the CPU as its target: the batches' structure survives the copy."""
+    import tensorflow as tf
+
+    from gan import data
+    from gan.train import to_device
+
+    ds = data.synthetic_dataset("small", 4, seed=1)
+    assert to_device(ds, "cpu") is ds
+    moved = to_device(ds, "gpu:any", target="/CPU:0")
+    assert moved is not ds
+    a, b = next(iter(ds)), next(iter(moved))
+    assert sorted(a) == sorted(b) and a["image"].shape == b["image"].shape == (4, 25, 25, 25, 1)
+    assert b["image"].dtype == tf.float32

@@ -62,12 +62,12 @@ def measured_gemm_flops(n=2048, repeats=10):
     return 2 * n**3 / best
 
 
-def run_point(horovodrun, variant, ranks, batch, steps, warmup, precision, timeout, cpus_per_rank=None):
+def run_point(horovodrun, variant, ranks, batch, steps, warmup, precision, timeout, cpus_per_rank=None, extra=()):
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "m.jsonl")
         cmd = [horovodrun, "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo", sys.executable, "-m",
                "gan.train", "--variant", variant, "--batch-size", str(batch), "--steps", str(steps),
-               "--warmup", str(warmup), "--precision", precision, "--metrics-out", out]
+               "--warmup", str(warmup), "--precision", precision, "--metrics-out", out, *extra]
         if cpus_per_rank:
             cmd += ["--cpus-per-rank", str(cpus_per_rank)]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
@@ -86,7 +86,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ranks", default="1,2")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "auto"))
+    ap.add_argument("--bn", default="keras2", choices=("keras2", "fused"), help="gan.train --bn")
+    ap.add_argument("--data", default="synthetic", help="gan.train --data: synthetic or HDF5 files")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per point")
     ap.add_argument("--json-out", default=None, help="also write all figures as JSON here")
     args = ap.parse_args(argv)
@@ -104,7 +106,8 @@ def main(argv=None) -> int:
     nominal, peak_desc = nominal_peak_flops()
     gemm = measured_gemm_flops()
     peak = max(nominal or 0.0, gemm)
-    print(f"# {args.variant} model, {args.precision}, steps {args.steps} (+{args.warmup} warm-up) per point")
+    print(f"# {args.variant} model, {args.precision}, BN {args.bn}, data {args.data}, "
+          f"steps {args.steps} (+{args.warmup} warm-up) per point")
     print(f"# nominal peak {(nominal or 0) / 1e9:.0f} GFLOP/s = {peak_desc}; best SGEMM {gemm / 1e9:.0f} GFLOP/s;"
           f" MFU is against {peak / 1e9:.0f} GFLOP/s")
     print(f"{'ranks':>5} {'cores':>5} {'batch/rank':>10} {'samples/s':>10} {'per rank':>9} {'step s':>14} "
@@ -116,7 +119,8 @@ def main(argv=None) -> int:
         points = [(1, 1)] + [(r, None) for r in ranks]
         base = None
         for r, cpr in points:
-            s = run_point(horovodrun, args.variant, r, b, args.steps, args.warmup, args.precision, args.timeout, cpr)
+            s = run_point(horovodrun, args.variant, r, b, args.steps, args.warmup, args.precision, args.timeout, cpr,
+                          extra=["--bn", args.bn, "--data", args.data])
             used = s["cpus_per_rank"] * r
             flops = s["achieved_flops_per_s"]
             if base is None:
@@ -131,9 +135,14 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{r:>5} {used:>5} {b:>10} {row['samples_per_s']:>10.2f} {row['samples_per_s_per_rank']:>9.2f} "
                   f"{row['step_time_mean_s']:>7.2f} ± {row['step_time_std_s']:<5.2f} {row['achieved_gflops']:>8.1f} "
-                  f"{100 * row['mfu']:>6.1f} {100 * row['of_sgemm']:>10.1f} {eff:>12.2f}", flush=True)
+                  f"{100 * row['mfu']:>6.1f} {100 * row['of_sgemm']:>10.1f} {eff:>12.2f}"
+                  + (f"  {s['precision']}" if args.precision == "auto" else "")
+                  + (f"  GPU MFU {100 * s['mfu_datasheet']:.1f} % of the {s['datasheet_peak_basis']}"
+                     if "mfu_datasheet" in s else ""), flush=True)
+            row.update({k: s[k] for k in ("precision", "mfu_datasheet", "datasheet_peak_basis") if k in s})
     if args.json_out:
-        meta = {"variant": args.variant, "precision": args.precision, "steps": args.steps, "warmup": args.warmup,
+        meta = {"variant": args.variant, "precision": args.precision, "bn": args.bn, "data": args.data,
+                "steps": args.steps, "warmup": args.warmup,
                 "nominal_peak_gflops": nominal / 1e9 if nominal else None, "peak_basis": peak_desc,
                 "mfu_peak_gflops": peak / 1e9,
                 "sgemm_gflops": gemm / 1e9, "cpu_count": len(os.sched_getaffinity(0)), "points": rows}
