@@ -177,3 +177,19 @@ def test_batches_go_to_the_gpu_ahead_of_the_step_and_stay_put_on_a_cpu():
     a, b = next(iter(ds)), next(iter(moved))
     assert sorted(a) == sorted(b) and a["image"].shape == b["image"].shape == (4, 25, 25, 25, 1)
     assert b["image"].dtype == tf.float32
+
+
+def test_profile_attributes_convolutions_to_measured_steps_with_their_flops():
+    from harness.bench.profile import conv_flops, parse
+
+    shape = "mb8_ic32oc8_id25od25kd5sd1dd0pd2_ih25oh25kh5sh1dh0ph2_iw25ow25kw5sw1dw0pw2"
+    assert conv_flops(shape) == 2 * 8 * 32 * 8 * 25 ** 3 * 125
+    line = "onednn_verbose,primitive,exec,cpu,convolution,brgconv:avx512_core,forward_training,src:a,,alg,{},{}"
+    lines = [line.format(shape, 9.0), '{"event": "step", "step": 1, "warmup": true, "time_s": 1}',
+             line.format(shape, 2.0), line.format(shape, 3.0),
+             '{"event": "step", "step": 2, "warmup": false, "time_s": 0.1}']
+    shapes = {}
+    steps, impls = parse(lines, warmup=1, shapes=shapes)
+    assert steps == [({"convolution forward": 5.0}, 100.0)]  # the warm-up step's 9 ms left out
+    assert shapes == {("convolution forward", "brgconv:avx512_core", shape): [5.0, 2]}
+    assert impls["convolution forward"]["brgconv:avx512_core"] == 14.0

@@ -8,7 +8,10 @@ machine it ran on (``machine_line``), since a figure holds only for that machine
 - ``signals``: the Ctrl-C / kill -9 / dying-worker campaign (provider x phase -> exit code, seconds, leftovers);
 - ``uncertainty``: the default sweep's 95 % intervals at 3 and 5 repetitions;
 - ``step_parts``: where a multi-rank CPU step's time goes, against the scaling model;
-- ``profile``: where one training step's time goes, by oneDNN primitive class (convolutions, reorders, ...).
+- ``profile``: where one training step's time goes, by oneDNN primitive class (convolutions, reorders, ...)
+  and by convolution shape with its GFLOP/s;
+- ``sidebyside``: this checkout's trainer against another commit's, interleaved in one run, with intervals;
+- ``precision``: whether bf16 trains the same physics (the validation metric against fp32's seed spread).
 """
 from __future__ import annotations
 
