@@ -127,9 +127,9 @@ class Keras2BatchNorm(L.Layer):
 
 class UpSampling3D(L.UpSampling3D):
     """Keras' UpSampling3D (nearest neighbour: every voxel repeated size[i] times along axis i), computed as one
-    broadcast per axis instead of Keras' repeat_elements, which splits the tensor into one slice per voxel plane and
-    concatenates the repeats for each axis in turn (and, backward, a Slice and an AddN per repeated plane:
-    hundreds of small kernels per step). Same output values; the gradient sums the same repeats. Config,
+    broadcast per axis instead of Keras' repeat_elements, which splits the tensor into one slice per voxel
+    plane and concatenates the repeats for each axis in turn (and, backward, a Slice and an AddN per repeated
+    plane: hundreds of small kernels per step). Same output values; the gradient sums the same repeats. Config,
     name (the class name is Keras') and weights (none) as Keras' layer, so checkpoints are interchangeable."""
 
     def call(self, inputs):

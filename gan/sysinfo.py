@@ -183,10 +183,6 @@ def summary(fp) -> str:
     return f"{c.get('model') or 'unknown CPU'}{mhz}, {c.get('cores_visible')} cores visible ({isa}){gpus}"
 
 
-if __name__ == "__main__":
-    print(json.dumps(collect(with_frameworks="--no-frameworks" not in sys.argv)))
-
-
 # Dense (not sparse) peak TFLOP/s from NVIDIA's datasheets, by precision: the FP32 CUDA-core rate, and the
 # tensor-core rate TensorFlow uses for fp32 matmuls/convolutions on Ampere and newer (TF32, on by default),
 # bf16 and fp16. The first pattern found in the device name wins, so longer names come first.
@@ -217,3 +213,7 @@ def gpu_datasheet_peak(device_name, precision, tf32=True):
                 return None, f"{pattern} has no {precision} tensor cores in its datasheet"
             return peaks[key] * 1e12, f"{pattern} datasheet {key} dense peak {peaks[key]:g} TFLOP/s"
     return None, f"no datasheet peak known for {device_name!r}"
+
+
+if __name__ == "__main__":
+    print(json.dumps(collect(with_frameworks="--no-frameworks" not in sys.argv)))
