@@ -195,11 +195,12 @@ def runnable(module):
 
 def run(*argv):
     p = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
-    return p.returncode, (p.stdout + p.stderr)[-2000:]
+    out = p.stdout + p.stderr
+    return p.returncode, out if len(out) <= 2500 else out[:500] + "\n...\n" + out[-2000:]
 
 
 def run_all(argvs):
-    """{argv: (exit code, output tail)}, a few at a time (each is a fresh interpreter)."""
+    """{argv: (exit code, output head and tail)}, a few at a time (each is a fresh interpreter)."""
     argvs = sorted(set(argvs))
     with ThreadPoolExecutor(max_workers=4) as pool:
         return dict(zip(argvs, pool.map(lambda a: run(*a), argvs)))
