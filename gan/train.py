@@ -50,8 +50,9 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=0.001, help="base learning rate, multiplied by the ranks")
     ap.add_argument("--loss-weights", default=None, help="comma list, one per D head (default: the authors')")
     ap.add_argument("--precision", choices=sorted(PRECISIONS) + ["auto"], default="fp32",
-                    help="auto: bf16 where it was measured to pay (CPUs with AMX-BF16, GPUs from Ampere on), "
-                         "else fp32; the start record says which and why")
+                    help="auto: bf16 where it was measured to pay (CPUs with AMX-BF16, GPUs from Ampere on) and "
+                         "to train the same physics (not yet: see BF16_PHYSICS_REFUSED), else fp32; the start "
+                         "record says which and why")
     ap.add_argument("--xla", action="store_true", help="jit-compile the step (slow for Conv3D on CPUs)")
     ap.add_argument("--bn", choices=("fused", "keras2"), default="keras2",
                     help="batch norm in training mode: one fused kernel, or moments + normalisation ops (the same "
@@ -130,16 +131,29 @@ def select_device(local_rank):
     return f"gpu:{details.get('device_name', gpu.name)}"
 
 
+# Why bf16 is not chosen even where it is faster: harness.bench.precision (small model, seeds 1-3, 400 steps
+# of batch 16) put bf16's physics metric outside fp32's seed-to-seed range, its sampling-fraction error about
+# twice fp32's. Set to None once a bf16 run passes that check; auto then picks bf16 where it pays.
+BF16_PHYSICS_REFUSED = ("its physics metric fell outside fp32's seed-to-seed range (total 13.57 against "
+                        "12.22-13.08; sampling-fraction error 0.40 against 0.19, harness.bench.precision)")
+
+
 def choose_precision(device, cpu_flags=(), gpu_capability=None):
     """(precision, reason) for --precision auto, from what was measured (docs/trainer.md#precision)."""
     if device.startswith("gpu"):
         if gpu_capability and tuple(gpu_capability) >= (8, 0):
-            return "bf16", f"GPU compute capability {gpu_capability[0]}.{gpu_capability[1]} has bf16 tensor cores"
+            cc = f"{gpu_capability[0]}.{gpu_capability[1]}"
+            if BF16_PHYSICS_REFUSED:
+                return "fp32", (f"GPU compute capability {cc} has bf16 tensor cores, but bf16 is refused: "
+                                f"{BF16_PHYSICS_REFUSED}; fp32 runs as TF32 on its tensor cores")
+            return "bf16", f"GPU compute capability {cc} has bf16 tensor cores"
         return "fp32", "GPU older than Ampere: no bf16 tensor cores (fp16 with loss scaling is --precision fp16)"
     flags = set(cpu_flags)
     if "amx_bf16" in flags:
-        return "bf16", ("CPU has AMX-BF16: oneDNN runs the 3D convolutions on its tiles (measured 1.72x fp32 "
-                        "samples/s on a 2-core Xeon)")
+        pays = "CPU has AMX-BF16: bf16 measured 1.99x fp32 samples/s on a 2-core Xeon"
+        if BF16_PHYSICS_REFUSED:
+            return "fp32", f"{pays}, but bf16 is refused: {BF16_PHYSICS_REFUSED}"
+        return "bf16", pays
     if "avx512_bf16" in flags:
         return "fp32", ("CPU has AVX512-BF16 but no AMX: bf16 measured 0.73-0.77x fp32 (casts and element-wise "
                         "ops cost more than the convolutions gain)")

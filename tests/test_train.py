@@ -130,15 +130,25 @@ def test_mllog_file(tmp_path):
     assert stop["metadata"]["status"] == "success"
 
 
-def test_precision_auto_chooses_what_was_measured_to_pay_and_says_why():
+def test_precision_auto_chooses_what_was_measured_to_pay_and_says_why(monkeypatch):
+    from gan import train
     from gan.train import choose_precision
 
-    assert choose_precision("cpu", ["avx512f", "avx512_bf16", "amx_tile", "amx_bf16"])[0] == "bf16"
+    amx = ["avx512f", "avx512_bf16", "amx_tile", "amx_bf16"]
+    # bf16 pays on AMX and Ampere, but failed the physics check: refused, and the reason says both.
+    precision, why = choose_precision("cpu", amx)
+    assert precision == "fp32" and "1.99x" in why and "refused" in why and "seed-to-seed" in why
+    precision, why = choose_precision("gpu:A100", gpu_capability=(8, 0))
+    assert precision == "fp32" and "refused" in why and "TF32" in why
     precision, why = choose_precision("cpu", ["avx512f", "avx512_bf16"])
     assert precision == "fp32" and "no AMX" in why
     assert choose_precision("cpu", ["avx2"]) == ("fp32", "CPU has no bf16 instructions")
-    assert choose_precision("gpu:A100", gpu_capability=(8, 0))[0] == "bf16"
     assert choose_precision("gpu:V100", gpu_capability=(7, 0))[0] == "fp32"
+    # Once bf16 passes the physics check, auto takes it where it pays.
+    monkeypatch.setattr(train, "BF16_PHYSICS_REFUSED", None)
+    assert choose_precision("cpu", amx)[0] == "bf16"
+    assert choose_precision("gpu:A100", gpu_capability=(8, 0))[0] == "bf16"
+    assert choose_precision("cpu", ["avx512f", "avx512_bf16"])[0] == "fp32"
 
 
 def test_gpu_mfu_uses_the_datasheet_peak_of_the_precision_it_runs_at():
