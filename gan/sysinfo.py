@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import platform
 import shutil
 import subprocess
@@ -188,11 +189,11 @@ def summary(fp) -> str:
 # bf16 and fp16. The first pattern found in the device name wins, so longer names come first.
 GPU_PEAK_TFLOPS = (
     ("H100 PCIe", {"fp32": 51.0, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0}),
-    ("H100", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}),        # SXM5
+    ("H100", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}),        # SXM5 (also taken for NVL)
     ("A100", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0}),
     ("L40S", {"fp32": 91.6, "tf32": 183.0, "bf16": 362.05, "fp16": 362.05}),
     ("L40", {"fp32": 90.5, "tf32": 90.5, "bf16": 181.05, "fp16": 181.05}),
-    ("A10", {"fp32": 31.2, "tf32": 62.5, "bf16": 125.0, "fp16": 125.0}),          # A10 and AWS's A10G
+    ("A10", {"fp32": 31.2, "tf32": 62.5, "bf16": 125.0, "fp16": 125.0}),          # A10; AWS's A10G assumed alike
     ("L4", {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0, "fp16": 121.0}),
     ("V100S", {"fp32": 16.4, "fp16": 130.0}),
     ("V100", {"fp32": 15.7, "fp16": 125.0}),                                      # SXM2
@@ -202,18 +203,18 @@ GPU_PEAK_TFLOPS = (
 
 def gpu_datasheet_peak(device_name, precision, tf32=True):
     """(peak FLOP/s, basis) for a GPU name as TensorFlow or nvidia-smi prints it ("NVIDIA A100-SXM4-40GB",
-    "Tesla V100-SXM2-16GB"), at the rate ``precision`` (fp32, bf16, fp16) runs at; (None, why) if unknown."""
+    "Tesla V100-SXM2-16GB"), at the rate ``precision`` (fp32, bf16, fp16) runs at; (None, why) if unknown.
+    A pattern matches as a whole model name ("A10" matches "A10G" but not "A100" or "RTX A1000")."""
     name = (device_name or "").upper()
     for pattern, peaks in GPU_PEAK_TFLOPS:
-        if pattern.upper() in name:
-            if "V100" in pattern and "PCIE" in name:  # the PCIe V100 runs at a lower clock
-                peaks = {"fp32": 14.0, "fp16": 112.0}
+        if re.search(rf"(?<![A-Z0-9]){re.escape(pattern.upper())}(?![0-9])", name):
+            if pattern == "V100" and "PCIE" in name:  # the PCIe V100 runs at a lower clock
+                pattern, peaks = "V100 PCIe", {"fp32": 14.0, "fp16": 112.0}
             key = "tf32" if precision == "fp32" and tf32 and "tf32" in peaks else precision
             if key not in peaks:
                 return None, f"{pattern} has no {precision} tensor cores in its datasheet"
             return peaks[key] * 1e12, f"{pattern} datasheet {key} dense peak {peaks[key]:g} TFLOP/s"
     return None, f"no datasheet peak known for {device_name!r}"
-
 
 if __name__ == "__main__":
     print(json.dumps(collect(with_frameworks="--no-frameworks" not in sys.argv)))

@@ -113,7 +113,7 @@ def test_unknown_variant_names_the_choices():
 
 
 @pytest.mark.parametrize("variant", ["fixed", "angle"])
-def test_fast_layers_compute_the_same_model_as_keras_layers(variant, monkeypatch):
+def test_fast_layers_compute_the_same_model_as_keras_layers(variant, monkeypatch, tmp_path):
     """--layers fast trains the same model: the same weights in the same order (checkpoints interchange), the
     same outputs and the same gradients as Keras' UpSampling3D and ZeroPadding3D + valid Conv3D, with D in
     inference mode where dropout is the identity (the fast Dropout is tested on its own below)."""
@@ -140,6 +140,26 @@ def test_fast_layers_compute_the_same_model_as_keras_layers(variant, monkeypatch
     if variant == "fixed":  # two of the three pad + valid pairs of D became one "same" convolution
         pads = lambda m: sum(isinstance(lyr, tf.keras.layers.ZeroPadding3D) for lyr in m.layers)  # noqa: E731
         assert (pads(dk), pads(df)) == (3, 1)
+    # Checkpoints interchange: weights saved from the Keras-layer model load into a fresh fast-layer one.
+    monkeypatch.setattr(gm, "LAYERS", "fast")
+    for i, keras_model in enumerate((gk, dk)):
+        keras_model.save_weights(tmp_path / f"m{i}.weights.h5")
+        fresh = gm.build(variant)[i]
+        fresh.load_weights(tmp_path / f"m{i}.weights.h5")
+        for a, b in zip(keras_model.get_weights(), fresh.get_weights()):
+            np.testing.assert_array_equal(a, b)
+    # The fast model is built of the fast layers, and their calls never fall back to Keras' own.
+    kinds = {type(lyr) for m in (gf, df) for lyr in m.layers}
+    assert gm.UpSampling3D in kinds and gm.Dropout in kinds
+    assert not {tf.keras.layers.UpSampling3D, tf.keras.layers.Dropout} & {type(lyr) for m in (gf, df)
+                                                                         for lyr in m.layers}
+
+    def keras_call(*a, **kw):
+        raise AssertionError("a fast layer fell back to Keras' call")
+
+    monkeypatch.setattr(tf.keras.layers.UpSampling3D, "call", keras_call)
+    monkeypatch.setattr(tf.keras.layers.Dropout, "call", keras_call)
+    df(gf(z, training=True), training=True)
 
 
 def test_fast_dropout_keeps_the_rate_and_scales_like_keras():

@@ -273,13 +273,16 @@ def _agents_on(sock_dir):
     return out
 
 
-@pytest.mark.parametrize("moment", ["before its socket", "after the key is added", "after its shell died"])
+@pytest.mark.parametrize("moment", ["inside Popen", "before its socket", "after the key is added",
+                                    "after its shell died"])
 def test_an_interrupt_at_any_moment_of_the_launch_agent_leaves_no_agent(tmp_path, monkeypatch, moment):
     """The campaign once found an ssh-agent orphaned by a SIGINT at launch: the shell that holds it (and stops
     it when the harness dies) was stopped after forking it but before setting its trap. The agent now leads
     its own process group, which the launch stops as a whole: "after its shell died" stands for that window
-    deterministically (the shell is killed with -9, so no trap of its own can help)."""
+    deterministically (the shell is killed with -9, so no trap of its own can help). "inside Popen": the
+    interrupt comes after the fork but before Popen returns, so the launch never held the child's pid."""
     import tempfile
+    import types
     from providers import ssh as ssh_mod
     from providers.errors import Interrupted
 
@@ -291,19 +294,29 @@ def test_an_interrupt_at_any_moment_of_the_launch_agent_leaves_no_agent(tmp_path
     inv.write_text(yaml.safe_dump({"hosts": [{"address": "10.0.0.1"}], "key": str(key), "known_hosts": str(known)}))
     p = SSHProvider(inventory=str(inv))
     dirs = []
-    real_mkdtemp, real_sleep, delay = tempfile.mkdtemp, time.sleep, [0.0]
+    real_mkdtemp, delay = tempfile.mkdtemp, [0.0]
 
     def mkdtemp(*a, **kw):
         dirs.append(real_mkdtemp(*a, **kw))
         return dirs[-1]
 
     def interrupt(_):  # the first poll for the socket comes at once; the interrupt a little later each time
-        real_sleep(delay[0])
+        time.sleep(delay[0])
+        raise Interrupted("SIGINT")
+
+    def popen_then_interrupt(*a, **kw):  # the worst case: the agent has bound its socket by then
+        subprocess.Popen(*a, **kw)
+        until = time.monotonic() + 5
+        while not os.listdir(dirs[-1]) and time.monotonic() < until:
+            time.sleep(0.005)
         raise Interrupted("SIGINT")
 
     monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
-    if moment == "before its socket":
-        monkeypatch.setattr(ssh_mod.time, "sleep", interrupt)
+    if moment == "before its socket":  # the provider's own clock only, not the process's time module
+        monkeypatch.setattr(ssh_mod, "time", types.SimpleNamespace(monotonic=time.monotonic, sleep=interrupt))
+    if moment == "inside Popen":
+        monkeypatch.setattr(ssh_mod, "subprocess", types.SimpleNamespace(
+            **{k: getattr(subprocess, k) for k in ("DEVNULL", "PIPE", "run")}, Popen=popen_then_interrupt))
     for i in range(20 if moment == "before its socket" else 3):
         delay[0] = i * 0.0005
         with pytest.raises(Interrupted):
@@ -315,7 +328,6 @@ def test_an_interrupt_at_any_moment_of_the_launch_agent_leaves_no_agent(tmp_path
                     assert len(shells) == 1
                     os.kill(shells[0], signal.SIGKILL)
                 raise Interrupted("SIGINT")
-    monkeypatch.undo()  # time.sleep is the module's own again
     deadline = time.monotonic() + 5
     while any(_agents_on(d) for d in dirs) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -165,6 +165,10 @@ def test_gpu_mfu_uses_the_datasheet_peak_of_the_precision_it_runs_at():
     assert gpu_datasheet_peak("NVIDIA L4", "fp16")[0] == 121e12
     assert gpu_datasheet_peak("Tesla V100-SXM2-16GB", "fp16")[0] == 125e12
     assert gpu_datasheet_peak("Tesla V100-PCIE-32GB", "fp32")[0] == 14e12
+    assert gpu_datasheet_peak("Tesla V100S-PCIE-32GB", "fp32")[0] == pytest.approx(16.4e12)  # not the V100 PCIe's
+    assert gpu_datasheet_peak("NVIDIA A10G", "bf16")[0] == 125e12
+    assert gpu_datasheet_peak("NVIDIA RTX A1000", "bf16")[0] is None  # not an A100 nor an A10
+    assert gpu_datasheet_peak("NVIDIA L40", "bf16")[0] == pytest.approx(181.05e12)  # not the L4's
     peak, why = gpu_datasheet_peak("Tesla V100-SXM2-16GB", "bf16")
     assert peak is None and "no bf16" in why
     assert gpu_datasheet_peak("Some GPU", "fp32") == (None, "no datasheet peak known for 'Some GPU'")

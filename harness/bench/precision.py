@@ -4,7 +4,7 @@
     python -m harness.bench.precision --variant fixed --seeds 1,2,3 --steps 300 --json-out p.json
 
 For every seed and precision: a fresh GANTrainer (seeded; the same seed gives both precisions the same
-initial weights up to rounding, the same data order and the same noise) trains ``--steps`` batches of
+initial weights up to rounding and the same data order) trains ``--steps`` batches of
 simulated fixed-angle showers read from HDF5 (gan.showers, written once), then gan.validate's metrics
 compare 1,000 generated showers with the reference file. bf16 passes when its mean total metric lies
 within the fp32 runs' seed-to-seed range widened by nothing: min(fp32) <= mean(bf16) <= max(fp32), and
@@ -54,6 +54,9 @@ def main(argv=None) -> int:
     except ValueError:
         ap.error("--seeds takes comma-separated integers, e.g. 1,2,3")
     precisions = args.precisions.split(",")
+    bad = [p for p in precisions if p not in ("fp32", "bf16")]
+    if bad:
+        ap.error(f"--precisions: {', '.join(bad)} not among fp32, bf16 (fp16 needs a GPU)")
     if "fp32" not in precisions or len(seeds) < 2:
         ap.error("the comparison needs fp32 among --precisions and at least two --seeds")
     print(machine_line(), flush=True)
@@ -89,8 +92,11 @@ def main(argv=None) -> int:
                  / statistics.fmean(r["seconds"] for r in rows if r["precision"] == prec))
         verdicts[prec] = {"mean_total": m, "within_fp32_range": within, "welch_p": p, "ok": ok,
                           "speed_vs_fp32": speed}
+        why = [w for w, bad in (("mean outside the fp32 seed range", not within),
+                                ("Welch test differs at 5 %", p < 0.05)) if bad]
         print(f"{prec} totals: mean {m:.3f} ({'within' if within else 'OUTSIDE'} the fp32 seed range), "
-              f"Welch p = {p:.2f}: {'same physics' if ok else 'DIFFERENT'}; training {speed:.2f}x fp32's speed")
+              f"Welch p = {p:.2f} ({'significant' if p < 0.05 else 'not significant'} at 5 %): "
+              f"{'same physics' if ok else 'refused: ' + ' and '.join(why)}; training {speed:.2f}x fp32's speed")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"machine": machine_line(), "args": vars(args), "runs": rows, "verdicts": verdicts}, f,

@@ -136,7 +136,8 @@ def table(r, top=12) -> str:
         out.append(f"{'ms/step':>8} {'calls':>5} {'GFLOP/s':>8}  {'pass':<29} shape")
         for c in r["convolutions"][:top]:
             shape = re.sub(r"(sd|dd|pd|sh|dh|ph|sw|dw|pw)\d+", "", c["shape"])
-            out.append(f"{c['ms']:8.1f} {c['calls']:5.0f} {c['gflops']:8.1f}  {c['class']:<29} {shape}")
+            rate = f"{c['gflops']:8.1f}" if c["gflops"] is not None else f"{'-':>8}"
+            out.append(f"{c['ms']:8.1f} {c['calls']:5.0f} {rate}  {c['class']:<29} {shape}")
     return "\n".join(out)
 
 

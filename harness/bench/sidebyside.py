@@ -23,6 +23,7 @@ import argparse
 import itertools
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,9 @@ def run_cell(code_dir, precision, data, layout, args, extra=()):
         else:
             horovodrun = shutil.which("horovodrun", path=os.path.dirname(sys.executable) + os.pathsep
                                       + os.environ["PATH"])
+            if not horovodrun:
+                raise SystemExit(f"harness.bench.sidebyside: layout {layout} needs horovodrun; run "
+                                 "`bash harness/setup.sh` first")
             cmd = [horovodrun, "-np", str(procs), "-H", f"localhost:{procs}", "--gloo", sys.executable, *trainer]
         env = {**os.environ, "PYTHONPATH": str(code_dir), "TF_CPP_MIN_LOG_LEVEL": "2"}
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=code_dir, env=env, timeout=args.timeout)
@@ -124,40 +128,46 @@ def main(argv=None) -> int:
                            text=True).stdout.strip()
     head_label = head + ("+changes" if dirty else "")
     with tempfile.TemporaryDirectory(prefix="cb-sbs-") as tmp:
-        codes = [(head_label, ROOT, args.head_args.split())]
+        codes = [(head_label, ROOT, shlex.split(args.head_args))]
         base_dir = Path(tmp) / "base"
         if args.base:
             base_commit = worktree(args.base, base_dir)
             codes.append((base_commit[:7], base_dir, []))
-        h5 = None
-        if "hdf5" in datas:
-            events = max(256, args.batch * 2 * (args.steps + args.warmup))
-            t0 = time.monotonic()
-            h5 = write_showers(os.path.join(tmp, "showers"), events)
-            print(f"# HDF5 input: {events} simulated fixed-angle showers in 2 files (gan.showers, "
-                  f"{time.monotonic() - t0:.0f} s to write), read by every cell", flush=True)
-        print(f"# gan.train --variant fixed, batch {args.batch} per process, {args.steps} measured steps after "
-              f"{args.warmup} warm-up, {args.repeats} processes per cell, interleaved", flush=True)
-        cells = list(itertools.product(range(len(codes)), precisions, datas, layouts))
-        results = {c: [] for c in cells}
-        flops = {}
         try:
-            for r in range(args.repeats):
-                k = r % len(cells)
-                for c in cells[k:] + cells[:k]:
-                    ci, prec, data, layout = c
-                    label, code_dir, extra = codes[ci]
-                    s = run_cell(code_dir, prec, h5 if data == "hdf5" else "synthetic", layout, args, extra)
-                    results[c].append(s["samples_per_s"])
-                    flops[c] = s.get("flops_per_sample")
-                    print(f"  round {r + 1}: {label:>14} {prec:>5} {data:>9} {layout:>4}  "
-                          f"{s['samples_per_s']:.2f} samples/s", flush=True)
+            return _measure(args, codes, precisions, datas, layouts, gemm, nominal, tmp)
         finally:
             if args.base:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_dir)],
                                capture_output=True)
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], capture_output=True)
+
+
+def _measure(args, codes, precisions, datas, layouts, gemm, nominal, tmp):
+    """Write the HDF5 input, run the interleaved rounds, print the table and the ratios."""
+    h5 = None
+    if "hdf5" in datas:
+        events = max(256, args.batch * 2 * (args.steps + args.warmup))
+        t0 = time.monotonic()
+        h5 = write_showers(os.path.join(tmp, "showers"), events)
+        print(f"# HDF5 input: {events} simulated fixed-angle showers in 2 files (gan.showers, "
+              f"{time.monotonic() - t0:.0f} s to write), read by every cell", flush=True)
+    print(f"# gan.train --variant fixed, batch {args.batch} per process, {args.steps} measured steps after "
+          f"{args.warmup} warm-up, {args.repeats} processes per cell, interleaved", flush=True)
+    cells = list(itertools.product(range(len(codes)), precisions, datas, layouts))
+    results = {c: [] for c in cells}
+    flops = {}
+    for r in range(args.repeats):
+        k = r % len(cells)
+        for c in cells[k:] + cells[:k]:
+            ci, prec, data, layout = c
+            label, code_dir, extra = codes[ci]
+            s = run_cell(code_dir, prec, h5 if data == "hdf5" else "synthetic", layout, args, extra)
+            results[c].append(s["samples_per_s"])
+            flops[c] = s.get("flops_per_sample")
+            print(f"  round {r + 1}: {label:>14} {prec:>5} {data:>9} {layout:>4}  "
+                  f"{s['samples_per_s']:.2f} samples/s", flush=True)
     print(f"\n{'code':>14} {'prec':>5} {'data':>9} {'layout':>6}  {'samples/s [95% CI]':>22} {'GFLOP/s':>8} "
-          f"{'MFU SGEMM':>9} {'MFU nominal':>11}")
+          f"{'of fp32 SGEMM':>13} {'of fp32 nominal':>15}   (bf16 cells: against fp32 peaks, not AMX's)")
     rows = []
     for c in cells:
         ci, prec, data, layout = c
@@ -171,7 +181,7 @@ def main(argv=None) -> int:
                      "samples_per_s": results[c], "geomean": m, "ci95": [lo, hi], "gflops": gf,
                      "mfu_sgemm": mfu_g, "mfu_nominal": mfu_n})
         print(f"{codes[ci][0]:>14} {prec:>5} {data:>9} {layout:>6}  {_fmt_ci(m, lo, hi):>22} {gf:8.1f} "
-              f"{100 * mfu_g:8.1f}% {100 * mfu_n:10.1f}%")
+              f"{100 * mfu_g:12.1f}% {100 * mfu_n:14.1f}%")
     ratios = []
 
     def ratio(name, a, b):
@@ -180,8 +190,8 @@ def main(argv=None) -> int:
         print(f"  {name:<58} {r:5.2f}x [{lo:.2f}, {hi:.2f}]")
 
     print("\nratios (95 % Welch interval on logs):")
-    for _, prec, data, layout in cells:
-        if args.base and _ == 0:
+    for ci, prec, data, layout in cells:
+        if args.base and ci == 0:
             ratio(f"{codes[0][0]} / {codes[1][0]}, {prec} {data} {layout}", (0, prec, data, layout),
                   (1, prec, data, layout))
     if "fp32" in precisions:

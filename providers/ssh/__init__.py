@@ -236,6 +236,19 @@ print(json.dumps({"bandwidth_Bps": bw, "latency_s": rtt[len(rtt) // 2] / 2}))
 """
 
 
+def _groups_naming(path):
+    """Process groups of this machine's processes whose command line names ``path`` (a launch's agent)."""
+    out = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if path.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.add(os.getpgid(int(pid)))
+        except OSError:
+            continue
+    out.discard(os.getpgrp())  # never the harness's own group
+    return sorted(out)
+
+
 class SSHProvider:
     name = "ssh"
     description = "bare-metal or on-prem hosts from an inventory YAML (leased, never destroyed)"
@@ -608,12 +621,21 @@ class SSHProvider:
                     raise ProviderError(f"ssh-add {self.inv.key} failed: {p.stderr.strip()}")
                 yield env
             finally:
-                if agent is not None:
-                    try:
-                        os.killpg(agent.pid, signal.SIGTERM)
-                    except ProcessLookupError:
-                        pass
-                    agent.wait()
+                # An interrupt inside Popen can leave a child that ``agent`` never named: it names the agent's
+                # directory once it has exec'd (within milliseconds), and it leads its own group.
+                groups = [agent.pid] if agent is not None else []
+                until = time.monotonic() + 0.5
+                while agent is None and not groups and time.monotonic() < until:
+                    groups = _groups_naming(d)
+                    time.sleep(0.01)
+                for sig in (signal.SIGTERM, signal.SIGKILL):  # KILL: a TERM that landed before exec is lost
+                    for pgid in groups:
+                        try:
+                            os.killpg(pgid, sig)
+                        except OSError:  # gone already
+                            pass
+                    if agent is not None and sig == signal.SIGTERM:
+                        agent.wait()
 
     # -- teardown and gc --------------------------------------------------------------------------
     def _stop_run(self, hosts, run_id, quiet=False):
