@@ -59,7 +59,8 @@ def main(argv=None) -> int:
         ap.error(f"--precisions: {', '.join(bad)} not among fp32, bf16 (fp16 needs a GPU)")
     if "fp32" not in precisions or len(seeds) < 2:
         ap.error("the comparison needs fp32 among --precisions and at least two --seeds")
-    print(machine_line(), flush=True)
+    machine = machine_line()  # the fingerprint is read once, printed first and stored with the figures
+    print(machine, flush=True)
     from gan import showers
     from scipy import stats
 
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
               f"{'same physics' if ok else 'refused: ' + ' and '.join(why)}; training {speed:.2f}x fp32's speed")
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"machine": machine_line(), "args": vars(args), "runs": rows, "verdicts": verdicts}, f,
+            json.dump({"machine": machine, "args": vars(args), "runs": rows, "verdicts": verdicts}, f,
                       indent=1)
     return 0 if all(v["ok"] for v in verdicts.values()) else 1
 

@@ -118,7 +118,8 @@ def main(argv=None) -> int:
     if args.repeats < 2:
         ap.error("--repeats must be at least 2 for an interval")
 
-    print(machine_line(), flush=True)
+    machine = machine_line()  # the fingerprint is read once, printed first and stored with the figures
+    print(machine, flush=True)
     nominal, peak_desc = nominal_peak_flops()
     gemm = measured_gemm_flops()
     print(f"# nominal peak {(nominal or 0) / 1e9:.0f} GFLOP/s = {peak_desc}; best SGEMM here {gemm / 1e9:.0f} GFLOP/s")
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
             base_commit = worktree(args.base, base_dir)
             codes.append((base_commit[:7], base_dir, []))
         try:
-            return _measure(args, codes, precisions, datas, layouts, gemm, nominal, tmp)
+            return _measure(args, codes, precisions, datas, layouts, gemm, nominal, tmp, machine)
         finally:
             if args.base:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_dir)],
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], capture_output=True)
 
 
-def _measure(args, codes, precisions, datas, layouts, gemm, nominal, tmp):
+def _measure(args, codes, precisions, datas, layouts, gemm, nominal, tmp, machine):
     """Write the HDF5 input, run the interleaved rounds, print the table and the ratios."""
     h5 = None
     if "hdf5" in datas:
@@ -201,7 +202,7 @@ def _measure(args, codes, precisions, datas, layouts, gemm, nominal, tmp):
                       (ci, "fp32", data, layout))
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"machine": machine_line(), "sgemm_gflops": gemm / 1e9,
+            json.dump({"machine": machine, "sgemm_gflops": gemm / 1e9,
                        "nominal_gflops": nominal / 1e9 if nominal else None, "batch": args.batch,
                        "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
                        "head_args": args.head_args, "cells": rows, "ratios": ratios}, f, indent=1)
