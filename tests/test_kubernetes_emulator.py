@@ -185,19 +185,7 @@ def test_deleting_a_running_job_kills_its_processes(apis, cloud):
     co.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, mpijob("slow", "r4", ["sleep", "60"]))
     watch_until(co, "r4", "Running")
     h0 = cloud.hosts[0]
-
-    def sleepers():
-        out = subprocess.run(["ip", "netns", "pids", h0["netns"]], capture_output=True, text=True).stdout.split()
-        found = []
-        for pid in out:
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if f.read().split(b"\0")[:2] == [b"sleep", b"60"]:
-                        found.append(int(pid))
-            except OSError:
-                pass
-        return found
-    pids = until("sleep 60 on the lab host", sleepers)
+    pids = until("sleep 60 on the lab host", lambda: sleepers(h0, "60"))
     state = cloud.state()
     assert [x["job"] for x in state["launchers"]] == [f"{NS}/slow"] and not state["empty"]
     assert {p["name"]: p["phase"] for p in state["objects"]["pods"]} == {
@@ -206,6 +194,41 @@ def test_deleting_a_running_job_kills_its_processes(apis, cloud):
     until("the launcher's process killed", lambda: not any(running(p) for p in pids), timeout=10)
     until("the pods deleted", lambda: not pods_of(core, "slow"), timeout=10)
     assert cloud.state()["empty"] and not cloud.state()["launchers"]
+
+
+def test_what_a_finished_launcher_left_on_a_worker_host_dies_with_the_worker_pod(apis, cloud):
+    """horovodrun that dies of a lost rank may leave the other ranks running on their hosts (ssh without a tty
+    does not hang them up). The kubelet kills a pod's processes when the pod is deleted: by cleanPodPolicy
+    Running as the job finishes, or by the cascade when the MPIJob is deleted (policy None)."""
+    core, co = apis
+    h0 = cloud.hosts[0]
+    left = ["sh", "-c", "setsid sleep 61 </dev/null >/dev/null 2>&1 & exit 1"]
+    co.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, mpijob("kept", "r6", left, cleanPodPolicy="None"))
+    watch_until(co, "r6", "Failed")
+    pids = until("the rank left on the lab host", lambda: sleepers(h0, "61"))
+    time.sleep(0.5)
+    assert all(running(p) for p in pids)  # policy None keeps the workers, and what runs in them
+    co.delete_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "kept")
+    until("the rank killed with the MPIJob", lambda: not any(running(p) for p in pids), timeout=10)
+
+    co.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, mpijob("gone", "r7", left))
+    watch_until(co, "r7", "Failed")
+    until("the rank killed with the worker pods", lambda: not sleepers(h0, "61"), timeout=10)
+    assert not {n for n in pods_of(core, "gone") if "worker" in n}
+
+
+def sleepers(host, seconds):
+    """Pids of `sleep <seconds>` in the lab host's namespace."""
+    out = subprocess.run(["ip", "netns", "pids", host["netns"]], capture_output=True, text=True).stdout.split()
+    found = []
+    for pid in out:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().split(b"\0")[:2] == [b"sleep", seconds.encode()]:
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
 
 
 def test_crd_removal(apis, cloud):

@@ -2,6 +2,8 @@
 import json
 import os
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
@@ -61,6 +63,27 @@ def test_up_status_ssh_rate_limit_and_down(clean):
     assert not subprocess.run(["pgrep", "-f", "cloudbench-lab/t1/"], capture_output=True).stdout
     assert cloudbench("lab", "down", "--name", "t1").returncode == 0  # safe to repeat
     assert json.loads(cloudbench("lab", "status", "--name", "t1", "--json").stdout)["up"] is False
+
+
+def test_a_login_does_not_wait_on_a_lock_a_killed_session_left(clean):
+    """Lab hosts share root's shell start-up. Where it runs pyenv, a session killed as its host "died" can leave
+    pyenv's rehash lock behind; logins then waited 60 s each (a campaign cell once failed on it)."""
+    shims = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "shims"
+    if not shims.is_dir():
+        pytest.skip("no pyenv on this machine")
+    lock = shims / ".pyenv-shim"
+    lab.up(hosts=1, name="t1")
+    state = json.loads((lab.state_dir("t1") / "state.json").read_text())
+    ours = not lock.exists()
+    try:
+        lock.touch()
+        t0 = time.monotonic()
+        out = subprocess.run(lab.ssh_command(state, state["hosts"][0], "true"), capture_output=True, text=True,
+                             timeout=90)
+        assert out.returncode == 0 and time.monotonic() - t0 < 10, (time.monotonic() - t0, out.stderr)
+    finally:
+        if ours:
+            lock.unlink(missing_ok=True)
 
 
 def test_failed_up_undoes_what_it_did_and_spares_what_it_did_not_make(clean):

@@ -258,6 +258,8 @@ def provision(run_id, tmp_path, slots=2, **options):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 def test_done_when_run_on_the_cloud_leaves_nothing(any_cloud, tmp_path):
+    if any_cloud.kind == "emulated":  # 90 s of suite time; the same cycle runs on the emulator in .ci/run's
+        pytest.skip("the real control plane runs this cycle; the signal campaign runs it on the emulator")
     out, d, df = run_ok(tmp_path, "--provider", "openstack", "--cloud", "cloudbench-lab", "--gpus", 2, *SMALL,
                         "--repetitions", 1)  # the whole cycle; two repetitions are in the note
     assert len(df) == 2
@@ -266,8 +268,6 @@ def test_done_when_run_on_the_cloud_leaves_nothing(any_cloud, tmp_path):
     assert names == [f"cb-{out['run_id']}-0", f"cb-{out['run_id']}-1"]
     lab = any_cloud.cloud["lab"]
     lab_hosts = {h["address"]: h["name"] for h in lab["hosts"]}
-    if any_cloud.kind == "emulated":  # the emulator gives a server its host's address; Neutron allocates one
-        assert {n["address"] for n in fleet["nodes"]} == set(lab_hosts)
     # the trainer ran on both lab hosts (each rank records its host's own hostname)
     two = df[df["gpus"] == 2].iloc[0]
     summary = json.loads(Path(d, two["metrics_path"]).read_text().splitlines()[-1])

@@ -906,6 +906,7 @@ class KubeEmulator:
         policy = ((job.obj.get("spec") or {}).get("runPolicy") or {}).get("cleanPodPolicy") or "Running"
         workers = [f"{job.name}-worker-{i}" for i in range(self._workers(job))]
         if policy in ("Running", "All"):
+            self._kill(job)  # as the kubelet does for a deleted pod: what the workers still run dies with them
             for w in workers:
                 self.call(self.api.remove("v1/pods", job.ns, w))
         if policy == "All":
@@ -956,8 +957,10 @@ class KubeEmulator:
             shutil.rmtree(self._job_dir(job), ignore_errors=True)
 
     def _teardown(self, job):
-        """The MPIJob is gone: kill its processes, delete its pods (cascade), remove its files."""
-        if job.phase == "running":
+        """The MPIJob is gone: kill its processes, delete its pods (cascade), remove its files. A finished
+        job's workers may still run what the launcher started on them (ranks a dead horovodrun left behind, or
+        pods kept by cleanPodPolicy None): the cascade kills them too."""
+        if job.hosts:
             self._kill(job)
         else:
             self._stop_agent(job)
