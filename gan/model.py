@@ -28,11 +28,20 @@ import tensorflow as tf
 
 L = tf.keras.layers
 
-# "fast": the same functions computed with fewer kernels (UpSampling3D, Dropout, pad-then-convolve; see each);
+# "fast": the same functions computed with fewer kernels, or in a form Grappler can optimise (UpSampling3D,
+# Dropout, pad-then-convolve, LeakyReLU, ZeroPadding3D; see each);
 # "keras": Keras' own layers, for comparison. Read when a model is built; set by the trainer (--layers).
 LAYERS = "fast"
 
 VARIANTS = ("fixed", "angle", "small")
+
+
+def _edge():
+    """Under a mixed-precision policy (bf16, fp16): float32 for the layers at the physics' edges, G's
+    energy-conditioned first Dense and its last convolution, which writes the cell energies, and D's first
+    convolution, which reads them. With them in bf16 the small model's sampling-fraction error doubled
+    (docs/trainer.md#precision). Weights are float32 under every policy, so checkpoints load across."""
+    return {"dtype": "float32"} if tf.keras.mixed_precision.global_policy().compute_dtype != "float32" else {}
 
 
 @dataclass(frozen=True)
@@ -162,6 +171,45 @@ class Dropout(L.Dropout):
         return inputs * scale
 
 
+class LeakyReLU(L.LeakyReLU):
+    """Keras' LeakyReLU with its gradient taken from the output instead of the input: for a positive slope the
+    output has the input's sign, so LeakyReluGrad(dy, y) is LeakyReluGrad(dy, x), bit for bit. The input is
+    then needed by nothing but this layer, which lets Grappler fuse Conv3D + BiasAdd + LeakyRelu into one oneDNN
+    convolution. With Keras' layer the backward pass reads the BiasAdd output, and TensorFlow 2.15's remapper,
+    which fuses regardless, fails ("fanout ... LeakyReluGrad exist for missing node BiasAdd"), dropping every
+    remapper rewrite of the step."""
+
+    def call(self, inputs):
+        if not self.alpha > 0:
+            return super().call(inputs)
+        return _leaky_relu_from_output(inputs, float(self.alpha))
+
+
+def _leaky_relu_from_output(x, alpha):
+    @tf.custom_gradient
+    def f(x):
+        y = tf.nn.leaky_relu(x, alpha)
+        return y, lambda dy: tf.raw_ops.LeakyReluGrad(gradients=dy, features=y, alpha=alpha)
+    return f(x)
+
+
+class ZeroPadding3D(L.ZeroPadding3D):
+    """Keras' ZeroPadding3D as a PadV2 (constant 0) instead of a Pad: the same values and gradient. TensorFlow
+    2.15's remapper folds any Pad into the Conv3D after it, even when the backward pass still reads the padded
+    tensor (the filter gradient does), and then fails ("fanout ... Conv3DBackpropFilterV2 exist for missing
+    node Pad"), dropping every remapper rewrite of the step; it leaves a PadV2 alone."""
+
+    def call(self, inputs):
+        if self.data_format != "channels_last":
+            return super().call(inputs)
+        pads = [[0, 0], *map(list, self.padding), [0, 0]]
+        return tf.raw_ops.PadV2(input=inputs, paddings=pads, constant_values=tf.zeros((), inputs.dtype))
+
+
+def _zero_pad(pad):
+    return ZeroPadding3D(pad) if LAYERS == "fast" else L.ZeroPadding3D(pad)
+
+
 def _upsample(size):
     return UpSampling3D(size) if LAYERS == "fast" else L.UpSampling3D(size)
 
@@ -175,7 +223,7 @@ def _pad_conv(x, pad, filters, kernel):
     side 2 pad + 1) one Conv3D that pads inside the convolution: no Pad forward, no Slice backward."""
     if LAYERS == "fast" and isinstance(pad, int) and kernel == (2 * pad + 1,) * 3:
         return L.Conv3D(filters, kernel, padding="same")(x)
-    x = L.ZeroPadding3D(pad)(x)
+    x = _zero_pad(pad)(x)
     return L.Conv3D(filters, kernel, padding="valid")(x)
 
 
@@ -200,28 +248,29 @@ def _all_layers(model):
 
 
 def _lrelu():
-    return L.LeakyReLU(alpha=0.3)  # the Keras-2 default slope, which the authors relied on
+    return (LeakyReLU if LAYERS == "fast" else L.LeakyReLU)(alpha=0.3)  # Keras-2's default slope, the authors'
+
 
 
 # --------------------------------------------------------------------------------------------- fixed angle
 def _generator_25(latent, c0, f1, k1, f, name):
     """The fixed-angle generator's layer sequence (25x25x25 output) with widths as parameters."""
     z = L.Input((latent,), name="latent")
-    x = L.Dense(7 * 7 * 8 * c0)(z)
+    x = L.Dense(7 * 7 * 8 * c0, **_edge())(z)
     x = L.Reshape((7, 7, 8, c0))(x)
     x = L.Conv3D(f1, k1, padding="same", kernel_initializer="he_uniform")(x)
     x = _lrelu()(x)
     x = Keras2BatchNorm()(x)
     x = _upsample((2, 2, 2))(x)  # 14,14,16
-    x = L.ZeroPadding3D((2, 2, 0))(x)
+    x = _zero_pad((2, 2, 0))(x)
     x = L.Conv3D(f, (6, 5, 8), padding="valid", kernel_initializer="he_uniform")(x)  # 13,14,9
     x = _lrelu()(x)
     x = Keras2BatchNorm()(x)
     x = _upsample((2, 2, 3))(x)  # 26,28,27
-    x = L.ZeroPadding3D((1, 0, 3))(x)
+    x = _zero_pad((1, 0, 3))(x)
     x = L.Conv3D(f, (3, 3, 8), padding="valid", kernel_initializer="he_uniform")(x)  # 26,26,26
     x = _lrelu()(x)
-    x = L.Conv3D(1, (2, 2, 2), padding="valid", use_bias=False, kernel_initializer="glorot_normal")(x)
+    x = L.Conv3D(1, (2, 2, 2), padding="valid", use_bias=False, kernel_initializer="glorot_normal", **_edge())(x)
     x = L.Activation("relu", dtype="float32")(x)  # 25,25,25,1
     return tf.keras.Model(z, x, name=name)
 
@@ -232,7 +281,7 @@ def _generator_fixed(latent=200):
 
 def _discriminator_fixed():
     img = L.Input((25, 25, 25, 1), name="image")
-    x = L.Conv3D(32, (5, 5, 5), padding="same")(img)
+    x = L.Conv3D(32, (5, 5, 5), padding="same", **_edge())(img)
     x = _lrelu()(x)
     x = _dropout(0.2)(x)
     for pad in (2, 2, 1):
@@ -248,37 +297,37 @@ def _discriminator_fixed():
 # ------------------------------------------------------------------------------------------ variable angle
 def _generator_angle(latent=256):
     z = L.Input((latent,), name="latent")
-    x = L.Dense(5184)(z)
+    x = L.Dense(5184, **_edge())(z)
     x = L.Reshape((9, 9, 8, 8))(x)
     x = _upsample((6, 6, 6))(x)
     x = L.Conv3D(8, (6, 6, 8), padding="valid", kernel_initializer="he_uniform")(x)
     x = L.ReLU()(x)
     x = Keras2BatchNorm(epsilon=1e-6)(x)
     for _ in range(3):
-        x = L.ZeroPadding3D((2, 2, 1))(x)
+        x = _zero_pad((2, 2, 1))(x)
         x = L.Conv3D(6, (4, 4, 6), padding="valid", kernel_initializer="he_uniform")(x)
         x = L.ReLU()(x)
         x = Keras2BatchNorm(epsilon=1e-6)(x)
-    x = L.ZeroPadding3D((1, 1, 0))(x)
+    x = _zero_pad((1, 1, 0))(x)
     x = L.Conv3D(6, (3, 3, 5), padding="valid", kernel_initializer="he_uniform")(x)
     x = L.ReLU()(x)
     x = Keras2BatchNorm(epsilon=1e-6)(x)
-    x = L.ZeroPadding3D((1, 1, 0))(x)
+    x = _zero_pad((1, 1, 0))(x)
     x = L.Conv3D(6, (3, 3, 3), padding="valid", kernel_initializer="he_uniform")(x)
     x = L.ReLU()(x)
-    x = L.Conv3D(1, (2, 2, 2), padding="valid", kernel_initializer="glorot_normal")(x)
+    x = L.Conv3D(1, (2, 2, 2), padding="valid", kernel_initializer="glorot_normal", **_edge())(x)
     x = L.Activation("relu", dtype="float32")(x)
     return tf.keras.Model(z, x, name="generator_angle")
 
 
 def _discriminator_angle(power=0.85):
     img = L.Input((51, 51, 25, 1), name="image")
-    x = L.Conv3D(16, (5, 6, 6), padding="same")(img)
+    x = L.Conv3D(16, (5, 6, 6), padding="same", **_edge())(img)
     x = _lrelu()(x)
     x = _dropout(0.2)(x)
     for pad in ((0, 0, 1), (0, 0, 1), None):
         if pad is not None:
-            x = L.ZeroPadding3D(pad)(x)
+            x = _zero_pad(pad)(x)
         x = L.Conv3D(8, (5, 6, 6), padding="valid")(x)
         x = _lrelu()(x)
         x = Keras2BatchNorm(epsilon=1e-6)(x)
@@ -295,7 +344,7 @@ def _generator_small(latent=200):
 
 def _discriminator_small():
     img = L.Input((25, 25, 25, 1), name="image")
-    x = L.Conv3D(8, (3, 3, 3), padding="same")(img)
+    x = L.Conv3D(8, (3, 3, 3), padding="same", **_edge())(img)
     x = _lrelu()(x)
     x = _dropout(0.2)(x)
     x = L.Conv3D(4, (3, 3, 3), padding="valid")(x)  # 23

@@ -150,16 +150,50 @@ def test_fast_layers_compute_the_same_model_as_keras_layers(variant, monkeypatch
             np.testing.assert_array_equal(a, b)
     # The fast model is built of the fast layers, and their calls never fall back to Keras' own.
     kinds = {type(lyr) for m in (gf, df) for lyr in m.layers}
-    assert gm.UpSampling3D in kinds and gm.Dropout in kinds
-    assert not {tf.keras.layers.UpSampling3D, tf.keras.layers.Dropout} & {type(lyr) for m in (gf, df)
-                                                                         for lyr in m.layers}
+    fast = {gm.UpSampling3D, gm.Dropout, gm.ZeroPadding3D, gm.LeakyReLU}
+    assert fast <= kinds
+    assert not {c.__mro__[1] for c in fast} & kinds
 
     def keras_call(*a, **kw):
         raise AssertionError("a fast layer fell back to Keras' call")
 
-    monkeypatch.setattr(tf.keras.layers.UpSampling3D, "call", keras_call)
-    monkeypatch.setattr(tf.keras.layers.Dropout, "call", keras_call)
+    for c in fast:
+        monkeypatch.setattr(c.__mro__[1], "call", keras_call)
     df(gf(z, training=True), training=True)
+
+
+def test_leaky_relu_gradient_from_the_output_is_keras_gradient_bit_for_bit():
+    x = tf.constant(np.random.default_rng(0).normal(size=(4, 7, 7, 7, 3)).astype(np.float32))
+    x = tf.tensor_scatter_nd_update(x, [[0, 0, 0, 0, 0]], [0.0])  # zero itself: both take the slope side
+    dy = tf.constant(np.random.default_rng(1).normal(size=x.shape).astype(np.float32))
+    grads = []
+    for layer in (gm.LeakyReLU(alpha=0.3), tf.keras.layers.LeakyReLU(alpha=0.3)):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+        grads.append((y.numpy(), tape.gradient(y, x, output_gradients=dy).numpy()))
+    np.testing.assert_array_equal(grads[0][0], grads[1][0])
+    np.testing.assert_array_equal(grads[0][1], grads[1][1])
+
+
+def test_mixed_precision_keeps_the_physics_edges_in_float32():
+    """Under bf16: G's energy-conditioned Dense and last convolution, and D's first convolution, compute in
+    float32; the rest in bf16; every weight stays float32 (checkpoints load across precisions)."""
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        g, d = gm.build("fixed")
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+    computes = lambda m, kind: [l.compute_dtype for l in m.layers if isinstance(l, kind)]  # noqa: E731
+    assert computes(g, tf.keras.layers.Dense) == ["float32"]
+    assert computes(g, tf.keras.layers.Conv3D) == ["bfloat16"] * 3 + ["float32"]
+    assert computes(d, tf.keras.layers.Conv3D) == ["float32"] + ["bfloat16"] * 3
+    assert {w.dtype for m in (g, d) for w in m.weights} == {tf.float32}
+    img = g(tf.ones((1, 200)), training=False)
+    assert img.dtype == tf.float32
+    assert all(o.dtype == tf.float32 for o in d(img, training=False))
+    g32, _ = gm.build("fixed")
+    assert [w.shape for w in g.weights] == [w.shape for w in g32.weights]
 
 
 def test_fast_dropout_keeps_the_rate_and_scales_like_keras():
