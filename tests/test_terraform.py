@@ -220,6 +220,38 @@ def test_held_lease_fails_apply_clearly_and_leaves_nothing_of_the_run(tflab, tmp
         held.unlink(missing_ok=True)
 
 
+def test_the_lease_script_reads_the_answer_from_stdout_whatever_a_login_prints_on_stderr(tflab, tmp_path):
+    """A host whose shell start-up warns on stderr (a locale, a busy pyenv lock) must not make its lease look
+    unreadable: real ssh to the lab host, with a warning printed beside it on stderr."""
+    noisy = tmp_path / "bin"
+    noisy.mkdir()
+    (noisy / "ssh").write_text(f"#!/bin/sh\necho 'bash: warning: a noisy login' >&2\nexec {shutil.which('ssh')} \"$@\"\n")
+    (noisy / "ssh").chmod(0o755)
+    inv = yaml.safe_load(Path(tflab["inventory"]).read_text())
+    h1 = inv["hosts"][1]
+    held = Path(inv["lease_dir"]) / f"{h1['name']}.lease"
+    held.parent.mkdir(exist_ok=True)
+    env = {**os.environ, "PATH": f"{noisy}:{os.environ['PATH']}", "CB_NAME": h1["name"],
+           "CB_ADDRESS": h1["address"], "CB_PORT": "22", "CB_USER": inv["user"], "CB_KEY": inv["key"],
+           "CB_KNOWN_HOSTS": inv["known_hosts"], "CB_LEASE_DIR": inv["lease_dir"], "CB_RUN_ID": "r-noisy",
+           "CB_RUN_JSON": '"r-noisy"', "CB_OWNER_JSON": '"here:1"', "CB_HOST_JSON": json.dumps(h1["name"]),
+           "CB_INVENTORY": tflab["inventory"]}
+    script = str(ROOT / "terraform" / "lab" / "lease.sh")
+    try:
+        held.write_text(json.dumps({"run_id": "other-run", "owner": "elsewhere:1", "host": h1["name"],
+                                    "since": "2026-01-01T00:00:00Z"}) + "\n")
+        p = subprocess.run(["sh", script, "acquire"], env=env, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 1 and "is leased by run other-run (harness elsewhere:1" in p.stderr, p.stderr
+        held.unlink()
+        p = subprocess.run(["sh", script, "acquire"], env=env, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0 and "leased" in p.stdout, p.stderr
+        assert json.loads(held.read_text())["run_id"] == "r-noisy"
+        p = subprocess.run(["sh", script, "release"], env=env, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0 and "released" in p.stdout and not held.exists(), p.stderr
+    finally:
+        held.unlink(missing_ok=True)
+
+
 def test_a_crashed_harness_leases_are_found_and_released_from_the_record(tflab, tmp_path):
     inv = tflab["inventory"]
     a = TerraformProvider(module="lab", inventory=inv)

@@ -182,8 +182,9 @@ def _host_up(d, plan, h, bandwidth):
         "KbdInteractiveAuthentication no", "PermitRootLogin prohibit-password", "StrictModes no", "UsePAM no",
         "Subsystem sftp /usr/lib/openssh/sftp-server", "PermitUserEnvironment no", "MaxStartups 100:30:200",
         # Lab hosts share this machine's files, root's shell start-up included. A session killed as its host
-        # "dies" can leave pyenv's rehash lock behind, and every later login would wait 60 s on it.
-        "SetEnv PYENV_REHASH_TIMEOUT=0",
+        # "dies" can leave pyenv's rehash lock behind, and every later login would wait 60 s on it; 3 s still
+        # covers logins that merely overlap (0 made them print a warning).
+        "SetEnv PYENV_REHASH_TIMEOUT=3",
     ]) + "\n")
     Path("/run/sshd").mkdir(exist_ok=True)  # privilege-separation directory sshd insists on
     # The host's own hostname (a UTS namespace), /etc/hosts naming every lab host (a private mount

@@ -15,6 +15,10 @@ remote() {
     ssh -o StrictHostKeyChecking=yes -o BatchMode=yes -o ConnectTimeout=10 -o LogLevel=ERROR \
         -o "UserKnownHostsFile=$CB_KNOWN_HOSTS" -p "$CB_PORT" "$@" "$CB_USER@$CB_ADDRESS" "$script"
 }
+# The answer is read from stdout alone: what a login prints on stderr (a shell start-up's warnings) is only
+# quoted when the host cannot be reached.
+errf=$(mktemp "${TMPDIR:-/tmp}/cb-lease.XXXXXX") || exit 1
+trap 'rm -f "$errf"' EXIT
 
 case "$action" in
 acquire)
@@ -23,8 +27,8 @@ acquire)
         "$CB_HOST_JSON" "$since")
     script="mkdir -p $(q "$CB_LEASE_DIR") && if (set -C; printf '%s\\n' $(q "$doc") > $(q "$lease")) 2>/dev/null; \
 then echo LEASED; else echo HELD; cat $(q "$lease"); fi"
-    if ! out=$(remote 2>&1); then
-        echo "cloudbench: cannot reach host $where to lease it: $out" >&2
+    if ! out=$(remote 2>"$errf"); then
+        echo "cloudbench: cannot reach host $where to lease it: $(cat "$errf")" >&2
         exit 1
     fi
     first=$(printf '%s\n' "$out" | sed -n 1p)
@@ -51,9 +55,9 @@ then echo LEASED; else echo HELD; cat $(q "$lease"); fi"
 release)
     script="grep -qF $(q "\"run_id\": $CB_RUN_JSON") $(q "$lease") 2>/dev/null && rm -f $(q "$lease") \
 && echo RELEASED || true"
-    if ! out=$(remote 2>&1); then
+    if ! out=$(remote 2>"$errf"); then
         echo "cloudbench: cannot reach host $where; its lease $lease stays until" \
-            "cloudbench gc --provider ssh --inventory $inventory: $out" >&2
+            "cloudbench gc --provider ssh --inventory $inventory: $(cat "$errf")" >&2
         exit 1
     fi
     case "$out" in
