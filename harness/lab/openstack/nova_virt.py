@@ -62,6 +62,7 @@ class LabHostDriver(fake.FakeDriver):
         self.lab_host = host
         self.state = os.environ["CLOUDBENCH_LAB_OPENSTACK_DIR"]
         self.launched = {}  # instance uuid -> (address, launched at)
+        self.claims = set()  # the instance whose spawn holds this host (one at most)
 
     # A node UUID that survives a restart (the fake driver draws a new one per process; Nova then refuses
     # to start, seeing its compute_id change): the same one where Nova asks for it and where it is reported.
@@ -86,15 +87,23 @@ class LabHostDriver(fake.FakeDriver):
 
     def spawn(self, context, instance, image_meta, injected_files, admin_password, allocations,
               network_info=None, block_device_info=None, power_on=True, accel_info=None):
-        if any(u != instance.uuid for u in self.instances):
+        if any(u != instance.uuid for u in (*self.instances, *self.claims)):
             # One server per lab host: a second one must go elsewhere (Nova reschedules it). Checked before an
             # armed fault, which belongs to a spawn that happens.
             raise exception.ComputeResourcesUnavailable(reason=f"lab host {self.lab_host['name']} is taken")
-        if take_fault(self.state, "spawn_error"):
-            raise exception.BuildAbortException(instance_uuid=instance.uuid,
-                                                reason="the lab was told to fail this spawn (spawn_error)")
-        super().spawn(context, instance, image_meta, injected_files, admin_password, allocations,
-                      network_info, block_device_info, power_on, accel_info)
+        # Claimed at once, with nothing between the check and the claim that could yield: nova-compute builds
+        # servers concurrently (green threads), and take_fault's file lock below yields. Without the claim two
+        # servers scheduled here together both passed the check and shared the host (a CI run saw it).
+        self.claims.add(instance.uuid)
+        try:
+            if take_fault(self.state, "spawn_error"):
+                raise exception.BuildAbortException(instance_uuid=instance.uuid,
+                                                    reason="the lab was told to fail this spawn (spawn_error)")
+            super().spawn(context, instance, image_meta, injected_files, admin_password, allocations,
+                          network_info, block_device_info, power_on, accel_info)
+        except BaseException:
+            self.claims.discard(instance.uuid)
+            raise
         address = self.lab_host["address"]
         for vif in network_info or []:
             for subnet in vif["network"]["subnets"]:
@@ -116,6 +125,7 @@ class LabHostDriver(fake.FakeDriver):
     def destroy(self, context, instance, network_info, block_device_info=None, destroy_disks=True,
                 destroy_secrets=True):
         spawned = instance.uuid in self.instances
+        self.claims.discard(instance.uuid)
         super().destroy(context, instance, network_info, block_device_info, destroy_disks, destroy_secrets)
         if not spawned:
             # Nova also destroys a server whose spawn was refused here (the host was taken): the host and its
