@@ -92,8 +92,9 @@ class LabHostDriver(fake.FakeDriver):
             # armed fault, which belongs to a spawn that happens.
             raise exception.ComputeResourcesUnavailable(reason=f"lab host {self.lab_host['name']} is taken")
         # Claimed at once, with nothing between the check and the claim that could yield: nova-compute builds
-        # servers concurrently (green threads), and take_fault's file lock below yields. Without the claim two
-        # servers scheduled here together both passed the check and shared the host (a CI run saw it).
+        # servers concurrently (green threads), and the fake driver's spawn below waits for the server's
+        # network (vif.fixed_ips()) before it records the instance. Without the claim two servers scheduled
+        # here together both passed the check and shared the host (a CI run saw it).
         self.claims.add(instance.uuid)
         try:
             if take_fault(self.state, "spawn_error"):
