@@ -206,16 +206,21 @@ class ZeroPadding3D(L.ZeroPadding3D):
         return tf.raw_ops.PadV2(input=inputs, paddings=pads, constant_values=tf.zeros((), inputs.dtype))
 
 
+def _layer(fast, *args, **kwargs):
+    """The fast layer class, or under --layers keras its Keras parent, built with these arguments."""
+    return (fast if LAYERS == "fast" else fast.__mro__[1])(*args, **kwargs)
+
+
 def _zero_pad(pad):
-    return ZeroPadding3D(pad) if LAYERS == "fast" else L.ZeroPadding3D(pad)
+    return _layer(ZeroPadding3D, pad)
 
 
 def _upsample(size):
-    return UpSampling3D(size) if LAYERS == "fast" else L.UpSampling3D(size)
+    return _layer(UpSampling3D, size)
 
 
 def _dropout(rate=0.2):
-    return Dropout(rate) if LAYERS == "fast" else L.Dropout(rate)
+    return _layer(Dropout, rate)
 
 
 def _pad_conv(x, pad, filters, kernel):
@@ -248,8 +253,7 @@ def _all_layers(model):
 
 
 def _lrelu():
-    return (LeakyReLU if LAYERS == "fast" else L.LeakyReLU)(alpha=0.3)  # Keras-2's default slope, the authors'
-
+    return _layer(LeakyReLU, alpha=0.3)  # Keras-2's default slope, which the authors relied on
 
 
 # --------------------------------------------------------------------------------------------- fixed angle
