@@ -138,20 +138,30 @@ def test_precision_auto_chooses_what_was_measured_to_pay_and_says_why(monkeypatc
     from gan.train import choose_precision
 
     amx = ["avx512f", "avx512_bf16", "amx_tile", "amx_bf16"]
-    # bf16 pays on AMX and Ampere, but failed the physics check: refused, and the reason says both.
+    zen4 = ["avx512f", "avx512_bf16"]
+    # bf16 pays on AMX, but failed the physics check there: refused, and the reason says both.
     precision, why = choose_precision("cpu", amx)
-    assert precision == "fp32" and "1.99x" in why and "refused" in why and "seed-to-seed" in why
+    assert precision == "fp32" and "1.73x" in why and "refused" in why and "check failed" in why and "13.33" in why
+    # On Ampere it would pay, but its physics was never checked on a GPU.
     precision, why = choose_precision("gpu:A100", gpu_capability=(8, 0))
-    assert precision == "fp32" and "refused" in why and "TF32" in why
-    precision, why = choose_precision("cpu", ["avx512f", "avx512_bf16"])
-    assert precision == "fp32" and "no AMX" in why
+    assert precision == "fp32" and "refused" in why and "not been checked" in why and "TF32" in why
+    # AMD's Zen 4: AVX512-BF16 without AMX, where bf16 paid and passed the physics check.
+    precision, why = choose_precision("cpu", zen4, cpu_vendor="AuthenticAMD")
+    assert precision == "bf16" and "1.43x" in why and "passed the physics check" in why
+    # The same instructions on an Intel CPU without AMX: bf16 ran slower than fp32.
+    precision, why = choose_precision("cpu", zen4, cpu_vendor="GenuineIntel")
+    assert precision == "fp32" and "no AMX" in why and "0.73" in why
     assert choose_precision("cpu", ["avx2"]) == ("fp32", "CPU has no bf16 instructions")
     assert choose_precision("gpu:V100", gpu_capability=(7, 0))[0] == "fp32"
-    # Once bf16 passes the physics check, auto takes it where it pays.
-    monkeypatch.setattr(train, "BF16_PHYSICS_REFUSED", None)
+    # A physics check that failed (or never ran) is what holds bf16 back where it pays; a passed one lets it in.
+    monkeypatch.setattr(train, "BF16_PHYSICS", {k: (True, "passed") for k in ("amx", "gpu", "amd_avx512_bf16")})
     assert choose_precision("cpu", amx)[0] == "bf16"
     assert choose_precision("gpu:A100", gpu_capability=(8, 0))[0] == "bf16"
-    assert choose_precision("cpu", ["avx512f", "avx512_bf16"])[0] == "fp32"
+    assert choose_precision("cpu", zen4, cpu_vendor="GenuineIntel")[0] == "fp32"
+    monkeypatch.setattr(train, "BF16_PHYSICS", {})
+    assert choose_precision("cpu", zen4, cpu_vendor="AuthenticAMD")[0] == "fp32"
+    # /proc/cpuinfo is read for both
+    assert isinstance(train.cpu_flags(), list) and train.cpu_vendor() in ("GenuineIntel", "AuthenticAMD", None)
 
 
 def test_gpu_mfu_uses_the_datasheet_peak_of_the_precision_it_runs_at():
@@ -210,3 +220,20 @@ def test_profile_attributes_convolutions_to_measured_steps_with_their_flops():
     assert steps == [({"convolution forward": 5.0}, 100.0)]  # the warm-up step's 9 ms left out
     assert shapes == {("convolution forward", "brgconv:avx512_core", shape): [5.0, 2]}
     assert impls["convolution forward"]["brgconv:avx512_core"] == 14.0
+
+
+def test_the_benchmarks_launch_the_trainer_of_a_given_checkout_and_name_its_failure():
+    """harness.bench.trainer and .sidebyside launch gan.train through one function: one process without
+    Horovod or ranks under horovodrun, from a given checkout, returning the summary line."""
+    from pathlib import Path
+
+    from harness.bench.trainer import run_trainer
+
+    root = Path(__file__).resolve().parents[1]
+    small = ["--variant", "small", "--batch-size", "2", "--steps", "2", "--warmup", "1", "--data", "synthetic"]
+    s = run_trainer(small, cpus_per_rank=1, horovod=False, code_dir=root, timeout=300)
+    assert s["event"] == "summary" and s["ranks"] == 1 and s["cpus_per_rank"] == 1 and s["samples_per_s"] > 0
+    with pytest.raises(RuntimeError, match=r"(?s)exited 2:.*--batch-size must be >= 1"):
+        run_trainer(["--variant", "small", "--batch-size", "0"], horovod=False, code_dir=root, timeout=300)
+    with pytest.raises(ValueError, match="needs Horovod"):
+        run_trainer(small, ranks=2, horovod=False)

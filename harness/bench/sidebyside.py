@@ -24,7 +24,6 @@ import itertools
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from pathlib import Path
 
 from harness import stats
 from harness.bench import machine_line
-from harness.bench.trainer import measured_gemm_flops, nominal_peak_flops
+from harness.bench.trainer import measured_gemm_flops, nominal_peak_flops, run_trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,25 +61,9 @@ def write_showers(directory, events, files=2):
 
 def run_cell(code_dir, precision, data, layout, args, extra=()):
     procs, cores = (int(x) for x in layout.split("x"))
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "m.jsonl")
-        trainer = ["-m", "gan.train", "--variant", "fixed", "--batch-size", str(args.batch), "--steps",
-                   str(args.steps), "--warmup", str(args.warmup), "--precision", precision, "--data", data,
-                   "--cpus-per-rank", str(cores), "--metrics-out", out, *extra]
-        if procs == 1:
-            cmd = [sys.executable, *trainer, "--no-horovod"]
-        else:
-            horovodrun = shutil.which("horovodrun", path=os.path.dirname(sys.executable) + os.pathsep
-                                      + os.environ["PATH"])
-            if not horovodrun:
-                raise SystemExit(f"harness.bench.sidebyside: layout {layout} needs horovodrun; run "
-                                 "`bash harness/setup.sh` first")
-            cmd = [horovodrun, "-np", str(procs), "-H", f"localhost:{procs}", "--gloo", sys.executable, *trainer]
-        env = {**os.environ, "PYTHONPATH": str(code_dir), "TF_CPP_MIN_LOG_LEVEL": "2"}
-        p = subprocess.run(cmd, capture_output=True, text=True, cwd=code_dir, env=env, timeout=args.timeout)
-        if p.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} (in {code_dir}) exited {p.returncode}:\n{p.stderr[-2000:]}")
-        return json.loads(Path(out).read_text().strip().splitlines()[-1])
+    return run_trainer(["--variant", "fixed", "--batch-size", str(args.batch), "--steps", str(args.steps),
+                        "--warmup", str(args.warmup), "--precision", precision, "--data", data, *extra],
+                       ranks=procs, cpus_per_rank=cores, timeout=args.timeout, horovod=procs > 1, code_dir=code_dir)
 
 
 def _fmt_ci(m, lo, hi):

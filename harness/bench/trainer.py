@@ -62,18 +62,38 @@ def measured_gemm_flops(n=2048, repeats=10):
     return 2 * n**3 / best
 
 
-def run_point(horovodrun, variant, ranks, batch, steps, warmup, precision, timeout, cpus_per_rank=None, extra=()):
+def horovodrun_path():
+    """horovodrun beside this Python (the venv's), else on PATH; None when Horovod is not installed."""
+    return shutil.which("horovodrun", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+
+
+def run_trainer(trainer_args, ranks=1, cpus_per_rank=None, timeout=1800, horovod=True, code_dir=None):
+    """One ``gan.train`` launch on this machine; returns its summary line (the last of --metrics-out).
+
+    ``ranks`` Horovod ranks under ``horovodrun --gloo``, or with ``horovod=False`` one process run with
+    ``--no-horovod``. ``code_dir``: the checkout whose gan/ runs (default: the one importable here).
+    """
+    if not horovod and ranks != 1:
+        raise ValueError("run_trainer: more than one rank needs Horovod")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "m.jsonl")
-        cmd = [horovodrun, "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo", sys.executable, "-m",
-               "gan.train", "--variant", variant, "--batch-size", str(batch), "--steps", str(steps),
-               "--warmup", str(warmup), "--precision", precision, "--metrics-out", out, *extra]
+        trainer = ["-m", "gan.train", *trainer_args, "--metrics-out", out]
         if cpus_per_rank:
-            cmd += ["--cpus-per-rank", str(cpus_per_rank)]
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+            trainer += ["--cpus-per-rank", str(cpus_per_rank)]
+        if horovod:
+            horovodrun = horovodrun_path()
+            if not horovodrun:
+                raise SystemExit("horovodrun not found; run `bash harness/setup.sh` first")
+            cmd = [horovodrun, "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo", sys.executable, *trainer]
+        else:
+            cmd = [sys.executable, *trainer, "--no-horovod"]
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        if code_dir:
+            env["PYTHONPATH"] = str(code_dir)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=code_dir, env=env)
         if p.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stderr[-2000:]}")
+            where = f" (in {code_dir})" if code_dir else ""
+            raise RuntimeError(f"{' '.join(cmd)}{where} exited {p.returncode}:\n{p.stderr[-2000:]}")
         with open(out) as f:
             return json.loads(f.read().strip().splitlines()[-1])
 
@@ -98,8 +118,7 @@ def main(argv=None) -> int:
         ranks = [int(r) for r in args.ranks.split(",")]
     except ValueError:
         ap.error("--batches and --ranks take comma-separated integers, e.g. 8,16,32")
-    horovodrun = shutil.which("horovodrun", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    if not horovodrun:
+    if not horovodrun_path():
         print("harness.bench.trainer: horovodrun not found; run `bash harness/setup.sh` first", file=sys.stderr)
         return 1
 
@@ -119,8 +138,9 @@ def main(argv=None) -> int:
         points = [(1, 1)] + [(r, None) for r in ranks]
         base = None
         for r, cpr in points:
-            s = run_point(horovodrun, args.variant, r, b, args.steps, args.warmup, args.precision, args.timeout, cpr,
-                          extra=["--bn", args.bn, "--data", args.data])
+            s = run_trainer(["--variant", args.variant, "--batch-size", str(b), "--steps", str(args.steps),
+                             "--warmup", str(args.warmup), "--precision", args.precision, "--bn", args.bn,
+                             "--data", args.data], ranks=r, cpus_per_rank=cpr, timeout=args.timeout)
             used = s["cpus_per_rank"] * r
             flops = s["achieved_flops_per_s"]
             if base is None:
