@@ -171,25 +171,6 @@ def choose_precision(device, cpu_flags=(), gpu_capability=None, cpu_vendor=None)
     return "fp32", "CPU has no bf16 instructions"
 
 
-def _cpuinfo_field(name):
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.split(":", 1)[0].strip() == name:
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-def cpu_flags():
-    return _cpuinfo_field("flags").split()
-
-
-def cpu_vendor():
-    return _cpuinfo_field("vendor_id") or None
-
-
 # ------------------------------------------------------------------------------------------ losses
 # Keras' definitions, computed in float32 whatever the mixed-precision policy.
 def bce(y, p):
@@ -426,7 +407,10 @@ def run(args, hold=None) -> dict:
         if device.startswith("gpu"):
             gpu = tf.config.get_visible_devices("GPU")[0]
             capability = tf.config.experimental.get_device_details(gpu).get("compute_capability")
-        args.precision, precision_reason = choose_precision(device, cpu_flags(), capability, cpu_vendor())
+        from gan import sysinfo
+
+        cpu = sysinfo.cpu()  # the fingerprint's reading of the CPU: its ISA flags and vendor
+        args.precision, precision_reason = choose_precision(device, cpu["isa"], capability, cpu["vendor"])
     if args.precision == "fp16" and device == "cpu":
         raise ValueError("--precision fp16 needs a GPU (TensorFlow has no float16 Conv3D/AvgPool3D kernels "
                          "for CPUs); use --precision bf16 on CPUs")

@@ -160,8 +160,11 @@ def test_precision_auto_chooses_what_was_measured_to_pay_and_says_why(monkeypatc
     assert choose_precision("cpu", zen4, cpu_vendor="GenuineIntel")[0] == "fp32"
     monkeypatch.setattr(train, "BF16_PHYSICS", {})
     assert choose_precision("cpu", zen4, cpu_vendor="AuthenticAMD")[0] == "fp32"
-    # /proc/cpuinfo is read for both
-    assert isinstance(train.cpu_flags(), list) and train.cpu_vendor() in ("GenuineIntel", "AuthenticAMD", None)
+    # run() feeds it the fingerprint's CPU: the flags it asks about must be among those the fingerprint keeps.
+    from gan import sysinfo
+
+    assert {"amx_bf16", "avx512_bf16"} <= set(sysinfo.ISA)
+    assert sysinfo.cpu()["vendor"] in ("GenuineIntel", "AuthenticAMD", None)
 
 
 def test_gpu_mfu_uses_the_datasheet_peak_of_the_precision_it_runs_at():
